@@ -5,7 +5,7 @@ class TelstateError(RuntimeError):
     """Base class of every telescope state error."""
 
 
-class ConnectionError(TelstateError):  # noqa: A001 - the anchor's name, kept for ported code
+class ConnectionError(TelstateError):
     """The backend (Redis) could not be reached, even after reconnecting."""
 
 
@@ -25,7 +25,7 @@ class ImmutableKeyError(TelstateError):
     """An attribute was given a different value, or a key was used as the wrong kind."""
 
 
-class TimeoutError(TelstateError):  # noqa: A001
+class TimeoutError(TelstateError):
     """A wait for a key ran out of time."""
 
 

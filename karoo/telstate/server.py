@@ -89,10 +89,9 @@ class RedisServer:
                     log = (self.directory / f"redis-{self.port}.log").read_text(errors="replace")
                     raise RuntimeError(f"redis-server exited with {self._proc.returncode}: {log}")
                 try:
-                    if client.ping():
-                        # Still loading a large RDB answers PING with an error; wait for that too.
-                        if client.info("persistence").get("loading", 0) == 0:
-                            return
+                    # A server still loading a large RDB is not ready either.
+                    if client.ping() and client.info("persistence").get("loading", 0) == 0:
+                        return
                 except (redis.ConnectionError, redis.BusyLoadingError):
                     pass
                 if time.monotonic() > deadline:
