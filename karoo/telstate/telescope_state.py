@@ -287,7 +287,8 @@ class TelescopeStateBase:
         return (yield from self._op_wait(full_keys, timeout, current, from_update))
 
     def _op_wait_indexed(
-        self, key: Key, sub_key: Any, condition: Condition | None, timeout: float | None
+        self, key: Key, sub_key: Any, condition: Callable[[Any], bool] | None,
+        timeout: float | None,
     ) -> Op:
         full_keys = self._full_keys(key)
         encoded_sub_key = encode_sub_key(sub_key)
@@ -295,7 +296,7 @@ class TelescopeStateBase:
         def satisfied(raw: bytes | None):
             if raw is None:
                 return False
-            return condition is None or condition(decode_value(raw), None)
+            return condition is None or condition(decode_value(raw))
 
         def current() -> Op:
             _, raw = yield _call("get_indexed", full_keys, encoded_sub_key)
@@ -484,10 +485,10 @@ class TelescopeState(TelescopeStateBase):
             self._run(self._op_wait_key(key, condition, timeout), next_update)
 
     def wait_indexed(
-        self, key: Key, sub_key: Any, condition: Condition | None = None,
+        self, key: Key, sub_key: Any, condition: Callable[[Any], bool] | None = None,
         timeout: float | None = None,
     ) -> None:
-        """Wait until ``key[sub_key]`` exists (and ``condition(value, None)`` holds)."""
+        """Wait until ``key[sub_key]`` exists (and ``condition(value)`` holds)."""
         full_keys = self._full_keys(key)
         with self._backend.monitor_keys(full_keys) as next_update:
             self._run(self._op_wait_indexed(key, sub_key, condition, timeout), next_update)

@@ -242,7 +242,7 @@ def test_wait_key_woken_by_writer(ts, kind):
     thread.start()
     cb = ts.view("cb")
     if kind == "indexed":
-        cb.wait_indexed("k", "sub", lambda value, _: value == "done", timeout=10)
+        cb.wait_indexed("k", "sub", lambda value: value == "done", timeout=10)
     else:
         cb.wait_key("k", lambda value, _: value == "done", timeout=10)
     thread.join()

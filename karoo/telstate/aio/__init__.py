@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..encoding import ENCODING_DEFAULT, ensure_binary
@@ -139,7 +139,7 @@ class TelescopeState(TelescopeStateBase):
             await self._run(self._op_wait_key(key, condition, timeout), next_update)
 
     async def wait_indexed(
-        self, key: Key, sub_key: Any, condition: Condition | None = None,
+        self, key: Key, sub_key: Any, condition: Callable[[Any], bool] | None = None,
         timeout: float | None = None,
     ) -> None:
         async with self._backend.amonitor_keys(self._full_keys(key)) as next_update:
