@@ -248,7 +248,7 @@ def decode_samples(samples: list[bytes]) -> list[tuple[Any, float]]:
     one vectorised pass; anything else falls back to decoding sample by sample.
     """
     n = len(samples)
-    if n > 16 and all(len(s) == 18 for s in samples):
+    if n > 16 and set(map(len, samples)) == {18}:
         records = np.frombuffer(b"".join(samples), _FLOAT_SAMPLE)
         if np.all(records["header"] == 0xFF) and np.all(records["tag"] == 0xCB):
             return list(zip(records["value"].tolist(), records["ts"].tolist(), strict=True))

@@ -39,21 +39,40 @@ end
 """
 
 SCRIPTS = {
-    # KEYS: the candidate keys of a view. Returns {index, type, value} of the first that exists.
+    # KEYS: for each requested key, its ARGV[1] candidate keys in a view's order of priority.
+    # Returns a flat {type, value, type, value, ...}: per requested key the first candidate that
+    # exists (0 and '' if none does). One script call replaces thousands of round trips.
     "get": """
-for i, key in ipairs(KEYS) do
-    local t = redis.call('TYPE', key)['ok']
-    if t == 'string' then
-        return {i, 1, redis.call('GET', key)}
-    elseif t == 'zset' then
-        return {i, 2, redis.call('ZREVRANGEBYLEX', key, '+', '-', 'LIMIT', 0, 1)[1]}
-    elseif t == 'hash' then
-        return {i, 3, redis.call('HGETALL', key)}
-    elseif t ~= 'none' then
-        return redis.error_reply('WRONGTYPE key ' .. key .. ' is a ' .. t)
+local n = tonumber(ARGV[1])
+local out = {}
+for first = 1, #KEYS, n do
+    local found = false
+    for i = first, first + n - 1 do
+        local key = KEYS[i]
+        local t = redis.call('TYPE', key)['ok']
+        if t == 'string' then
+            out[#out + 1] = 1
+            out[#out + 1] = redis.call('GET', key)
+        elseif t == 'zset' then
+            out[#out + 1] = 2
+            out[#out + 1] = redis.call('ZREVRANGEBYLEX', key, '+', '-', 'LIMIT', 0, 1)[1]
+        elseif t == 'hash' then
+            out[#out + 1] = 3
+            out[#out + 1] = redis.call('HGETALL', key)
+        elseif t ~= 'none' then
+            return redis.error_reply('WRONGTYPE key ' .. key .. ' is a ' .. t)
+        end
+        if t ~= 'none' then
+            found = true
+            break
+        end
+    end
+    if not found then
+        out[#out + 1] = 0
+        out[#out + 1] = ''
     end
 end
-return false
+return out
 """,
     "set_immutable": """
 if redis.call('SETNX', KEYS[1], ARGV[1]) == 1 then
@@ -100,25 +119,6 @@ for _, key in ipairs(KEYS) do
 end
 return false
 """,
-    # ARGV: start and end ZRANGEBYLEX bounds, '1' to include the sample before the start.
-    # Returns false if no candidate exists, else {samples}.
-    "get_range": _TYPE_CHECK + """
-for _, key in ipairs(KEYS) do
-    local t = check_type(key, 'zset')
-    if type(t) == 'table' then return t end
-    if t == 'zset' then
-        local samples = {}
-        if ARGV[3] == '1' then
-            samples = redis.call('ZREVRANGEBYLEX', key, ARGV[1], '-', 'LIMIT', 0, 1)
-        end
-        for _, sample in ipairs(redis.call('ZRANGEBYLEX', key, ARGV[1], ARGV[2])) do
-            samples[#samples + 1] = sample
-        end
-        return {samples}
-    end
-end
-return false
-""",
 }
 SCRIPT_SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
 
@@ -156,6 +156,7 @@ class Batch:
 
     requests: Sequence[Call | Script]
     transaction: bool = False
+    raise_on_error: bool = True  # if False, failed requests give their exception as the reply
 
 
 Request = Call | Script | Batch
@@ -201,20 +202,32 @@ class _Operations:
             if int(cursor) == 0:
                 return sorted(found)
 
-    @staticmethod
-    def _parse_get(reply) -> tuple:
-        if reply is None:
-            return None, None
-        key_type = KeyType(reply[1])
-        value = _pairs(reply[2]) if key_type == KeyType.INDEXED else reply[2]
-        return value, key_type
+    def _get_many(self, key_lists: Sequence[Sequence[bytes]]) -> Op:
+        """(value, KeyType) of the first existing candidate of each key list, or (None, None)."""
+        if not key_lists:
+            return []
+        n = len(key_lists[0])
+        if any(len(keys) != n for keys in key_lists):
+            raise ValueError("every key needs the same number of candidates")
+        per_call = max(1, BATCH // n)
+        calls = [
+            Script("get", [k for keys in key_lists[i : i + per_call] for k in keys], [n])
+            for i in range(0, len(key_lists), per_call)
+        ]
+        replies = yield Batch(calls) if len(calls) > 1 else calls[0]
+        flat = [x for reply in replies for x in reply] if len(calls) > 1 else replies
+        out = []
+        for code, value in zip(flat[::2], flat[1::2], strict=True):
+            if code == 0:
+                out.append((None, None))
+            elif code == KeyType.INDEXED:
+                out.append((_pairs(value), KeyType.INDEXED))
+            else:
+                out.append((value, KeyType(code)))
+        return out
 
     def _get(self, keys: Sequence[bytes]) -> Op:
-        return self._parse_get((yield Script("get", keys)))
-
-    def _get_many(self, key_lists: Sequence[Sequence[bytes]]) -> Op:
-        replies = yield Batch([Script("get", keys) for keys in key_lists])
-        return [self._parse_get(reply) for reply in replies]
+        return (yield from self._get_many([keys]))[0]
 
     def _get_indexed(self, keys: Sequence[bytes], sub_key: bytes) -> Op:
         reply = yield Script("get_indexed", keys, [sub_key])
@@ -223,8 +236,23 @@ class _Operations:
         return True, (reply[1] if len(reply) > 1 else None)
 
     def _get_range(self, keys, start: bytes, end: bytes, include_previous: bool) -> Op:
-        reply = yield Script("get_range", keys, [start, end, b"1" if include_previous else b"0"])
-        return None if reply is None else reply[0]
+        # A transaction rather than a script: building a large Lua table of samples costs the
+        # server three times what ZRANGEBYLEX does.
+        requests = [Call("TYPE", key) for key in keys]
+        for key in keys:
+            if include_previous:
+                requests.append(Call("ZREVRANGEBYLEX", key, start, "-", "LIMIT", 0, 1))
+            requests.append(Call("ZRANGEBYLEX", key, start, end))
+        replies = yield Batch(requests, transaction=True, raise_on_error=False)
+        per_key = 2 if include_previous else 1
+        for i, (key, redis_type) in enumerate(zip(keys, replies, strict=False)):
+            if redis_type in (b"none", "none"):
+                continue
+            if redis_type not in (b"zset", "zset"):
+                raise errors.ImmutableKeyError(f"key {key!r} is a {redis_type!r}, not a sensor")
+            ranges = replies[len(keys) + i * per_key : len(keys) + (i + 1) * per_key]
+            return [sample for samples in ranges for sample in samples]
+        return None
 
     def _set_immutable(self, key: bytes, value: bytes) -> Op:
         return (yield Script("set_immutable", [key], [value]))
@@ -349,7 +377,7 @@ class RedisBackend(_Operations):
             pipe = self.client.pipeline(transaction=request.transaction)
             for sub in request.requests:
                 pipe.execute_command(*_command(sub))
-            return pipe.execute()
+            return pipe.execute(raise_on_error=request.raise_on_error)
         return self.client.execute_command(*_command(request))
 
     def _load_scripts(self) -> None:
@@ -433,7 +461,7 @@ class AsyncRedisBackend(_Operations):
             async with self.client.pipeline(transaction=request.transaction) as pipe:
                 for sub in request.requests:
                     pipe.execute_command(*_command(sub))
-                return await pipe.execute()
+                return await pipe.execute(raise_on_error=request.raise_on_error)
         return await self.client.execute_command(*_command(request))
 
     async def _run(self, op: Op):
