@@ -46,13 +46,12 @@ def main() -> None:
         def clear():
             ours.clear()
 
-        t_ours = median_time(lambda: [ours.add("s", v, ts=t) for v, t in zip(values, stamps, strict=True)],
-                             reps, clear)
-        t_theirs = median_time(
-            lambda: [theirs.add("s", v, ts=t) for v, t in zip(values, stamps, strict=True)], reps, clear)
+        pairs = list(zip(values, stamps, strict=True))
+        t_ours = median_time(lambda: [ours.add("s", v, ts=t) for v, t in pairs], reps, clear)
+        t_theirs = median_time(lambda: [theirs.add("s", v, ts=t) for v, t in pairs], reps, clear)
         report(f"sensor add, {n_ops} one at a time", n_ops / t_ours, ANCHOR, n_ops / t_theirs,
                "adds/s", reps)
-        samples = [("s", v, t) for v, t in zip(values, stamps, strict=True)]
+        samples = [("s", v, t) for v, t in pairs]
         t_bulk = median_time(lambda: ours.add_many(samples), reps, clear)
         report(f"sensor add, {n_ops} in bulk (add_many vs one at a time)", n_ops / t_bulk, ANCHOR,
                n_ops / t_theirs, "adds/s", reps)
