@@ -11,6 +11,7 @@ import sys
 # ``args.func(args)`` and its return value is the exit status.
 COMMAND_MODULES = [
     "karoo.demo",
+    "karoo.bench",
 ]
 
 
