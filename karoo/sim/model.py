@@ -349,7 +349,8 @@ class VisibilityModel:
         self.products = CorrProducts.cbf(self.array)
         self._freqs = self.config.channel_freqs
         self._flux = self.sky.flux(self._freqs)  # (n_src, n_chans)
-        self._ref_flux = float(np.max(self.sky.flux(np.array([self.config.band.center_freq]))))
+        centre_flux = self.sky.flux(np.array([self.config.band.center_freq]))
+        self._ref_flux = float(np.max(centre_flux)) if centre_flux.size else 1.0
 
     @property
     def count_scale(self) -> float:
@@ -437,10 +438,12 @@ class VisibilityModel:
         elif out.shape != (n_chans, n_bls, 2) or out.dtype != np.int32:
             raise ValueError(f"out must be int32 of shape {(n_chans, n_bls, 2)}")
         mask = np.empty((n_chans, n_bls), np.bool_)
-        seed = (self.seed * 0x2545F4914F6CDD1D + dump_index * 0x9E3779B97F4A7C15) % 2**64
+        # An independent 64-bit stream start per (seed, dump): consecutive counters
+        # within a dump never overlap another dump's range in practice
+        seed = np.random.SeedSequence([self.seed, dump_index]).generate_state(1, np.uint64)[0]
         _vis_kernel(
             terms, response, sys_power, noise_q, float(noise_k),
             self.products.input1, self.products.input2, self.products.is_parallel,
-            rfi[0], rfi[1], self.count_scale, np.uint64(seed), out, mask,
+            rfi[0], rfi[1], self.count_scale, seed, out, mask,
         )
         return out, mask

@@ -319,7 +319,9 @@ class Simulator:
                 ts.add(f"{prefix}_{key}", value, immutable=True)
         names = self.array.names
         band = self.config.band
-        product = f"c{band.bandwidth / 1e6:.0f}M{self.config.n_chans // 1024}k"
+        n_chans = self.config.n_chans
+        chans = f"{n_chans // 1024}k" if n_chans % 1024 == 0 else str(n_chans)
+        product = f"c{band.bandwidth / 1e6:.0f}M{chans}"  # e.g. c856M4k
         ts.add("sub_pool_resources", ",".join(["cbf_1", "sdp_1", *names]), immutable=True)
         ts.add("sub_band", band.name, immutable=True)
         ts.add("sub_product", product, immutable=True)

@@ -124,7 +124,11 @@ class SkyModel:
 
     def flux(self, freqs: np.ndarray) -> np.ndarray:
         """Flux densities, shape (n_sources, n_freqs), Jy."""
-        return np.array([s.flux(freqs) for s in self.sources]).reshape(len(self.sources), -1)
+        freqs = np.atleast_1d(np.asarray(freqs, np.float64))
+        out = np.empty((len(self.sources), len(freqs)))
+        for i, source in enumerate(self.sources):
+            out[i] = source.flux(freqs)
+        return out
 
 
 # A real bandpass/delay calibrator (katpoint catalogue flux model) and a simulated
