@@ -51,8 +51,10 @@ def default_script(
 ) -> list[Scan]:
     """bpcal/delaycal track, gaincal track, target track, gaincal track, with slews between."""
     steps = [
-        (BPCAL, bpcal_s, "bandpass"), (GAINCAL, gaincal_s, "gain"),
-        (TARGET, target_s, "target"), (GAINCAL, gaincal_s, "gain"),
+        (BPCAL, bpcal_s, "bandpass"),
+        (GAINCAL, gaincal_s, "gain"),
+        (TARGET, target_s, "target"),
+        (GAINCAL, gaincal_s, "gain"),
     ]
     scans = []
     for target, duration, label in steps:
@@ -228,11 +230,20 @@ class Simulator:
         target = self._targets[scan]
         rfi = self.rfi.dump_terms(index) if isinstance(self.rfi, RfiModel) else None
         data, mask = self.model.predict(
-            time, (target.ra, target.dec), self.observation.scans[scan].on_source,
-            dump_index=index, rfi=rfi, out=out,
+            time,
+            (target.ra, target.dec),
+            self.observation.scans[scan].on_source,
+            dump_index=index,
+            rfi=rfi,
+            out=out,
         )
         return Dump(
-            index, self.dump_timestamp(index), time, data, self.lost[index].copy(), mask,
+            index,
+            self.dump_timestamp(index),
+            time,
+            data,
+            self.lost[index].copy(),
+            mask,
             self.config.n_chans_per_substream,
         )
 
@@ -351,9 +362,7 @@ class Simulator:
             verb = {"slew": "Slewing to", "track": "Tracking", "scan": "Scanning"}.get(
                 scan.activity, "Stopped at"
             )
-            ts.add(
-                f"{cbid}_obs_script_log", f"{verb} {target.name} for {scan.duration:g} s", ts=t0
-            )
+            ts.add(f"{cbid}_obs_script_log", f"{verb} {target.name} for {scan.duration:g} s", ts=t0)
             for ant in names:
                 ts.add(f"{ant}_target", desc, ts=t0)
                 ts.add(f"{ant}_activity", scan.activity, ts=t0)
@@ -372,8 +381,9 @@ class Simulator:
         idx = np.array([obs.scan_index(t) for t in times])
         ra = np.array([self._targets[i].ra for i in idx])
         dec = np.array([self._targets[i].dec for i in idx])
-        az, el = enu_to_azel(apparent_enu(ra, dec, times, self.array.latitude,
-                                          self.array.longitude))
+        az, el = enu_to_azel(
+            apparent_enu(ra, dec, times, self.array.latitude, self.array.longitude)
+        )
         az_deg = (np.degrees(az) + 180.0) % 360.0 - 180.0  # CAM reports -180..180
         for ant in self.array.names:
             for t, a, e in zip(times, az_deg, np.degrees(el), strict=True):

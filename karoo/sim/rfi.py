@@ -94,8 +94,16 @@ class RfiModel:
             start = int(np.clip(start, 0, n_chans - 1))
             stop = int(np.clip(stop, start + 1, n_chans))
             events.append(
-                RfiEvent(kind, int(first), int(n), start, stop, float(power * power_scale),
-                         float(decorrelation), int(rng.integers(2**31)))
+                RfiEvent(
+                    kind,
+                    int(first),
+                    int(n),
+                    start,
+                    stop,
+                    float(power * power_scale),
+                    float(decorrelation),
+                    int(rng.integers(2**31)),
+                )
             )
 
         in_band = [(f, w) for f, w in KNOWN_TRANSMITTERS if freqs.min() <= f <= freqs.max()]
@@ -107,17 +115,30 @@ class RfiModel:
             else:
                 start = int(rng.integers(n_chans))
                 stop = start + int(rng.integers(1, 4))
-            add("narrowband", 0, n_dumps, start, stop, rng.uniform(50, 500),
-                rng.uniform(300, 3000))
+            add("narrowband", 0, n_dumps, start, stop, rng.uniform(50, 500), rng.uniform(300, 3000))
         for d in np.flatnonzero(rng.uniform(size=n_dumps) < burst_rate):
             span = int(rng.uniform(0.1, 0.4) * n_chans)
             start = int(rng.integers(0, n_chans - span + 1))
-            add("burst", d, rng.integers(1, 4), start, start + span, rng.uniform(20, 100),
-                rng.uniform(300, 3000))
+            add(
+                "burst",
+                d,
+                rng.integers(1, 4),
+                start,
+                start + span,
+                rng.uniform(20, 100),
+                rng.uniform(300, 3000),
+            )
         for d in np.flatnonzero(rng.uniform(size=n_dumps) < blip_rate):
             start = int(rng.integers(n_chans))
-            add("blip", d, 1, start, start + int(rng.integers(1, 4)), rng.uniform(100, 1000),
-                rng.uniform(300, 3000))
+            add(
+                "blip",
+                d,
+                1,
+                start,
+                start + int(rng.integers(1, 4)),
+                rng.uniform(100, 1000),
+                rng.uniform(300, 3000),
+            )
         return cls(array, n_chans, events)
 
     def _baseline_factor(self, event: RfiEvent) -> np.ndarray:
@@ -130,8 +151,8 @@ class RfiModel:
             pol = np.array([math.cos(psi), math.sin(psi) * np.exp(1j * chi)])  # (h, v)
             inp = np.repeat(ant_phase, 2) * np.tile(pol, n_ants)
             p = self.products
-            factor = inp[p.input1] * np.conj(inp[p.input2]) * np.exp(
-                -self._length / event.decorrelation
+            factor = (
+                inp[p.input1] * np.conj(inp[p.input2]) * np.exp(-self._length / event.decorrelation)
             )
             factor[np.abs(factor) < self.cutoff] = 0
             factor = factor.astype(np.complex64)
@@ -159,8 +180,10 @@ class RfiModel:
     def mask(self, dump_index: int) -> np.ndarray:
         """Ground-truth mask of a dump, bool (n_chans, n_bls)."""
         amp, bl = self.dump_terms(dump_index)
-        return np.einsum("ec,eb->cb", amp != 0, bl != 0).astype(bool) if len(amp) else (
-            np.zeros((self.n_chans, self.products.n_bls), bool)
+        return (
+            np.einsum("ec,eb->cb", amp != 0, bl != 0).astype(bool)
+            if len(amp)
+            else (np.zeros((self.n_chans, self.products.n_bls), bool))
         )
 
     def write_npz(self, path, n_dumps: int) -> None:
@@ -168,8 +191,16 @@ class RfiModel:
         event table, to an ``.npz`` file. Unpack with ``np.unpackbits(packed, axis=-1,
         count=n_bls).astype(bool)``."""
         packed = np.stack([np.packbits(self.mask(d), axis=-1) for d in range(n_dumps)])
-        fields = ("kind", "first_dump", "n_dumps", "chan_start", "chan_stop", "power",
-                  "decorrelation", "seed")
+        fields = (
+            "kind",
+            "first_dump",
+            "n_dumps",
+            "chan_start",
+            "chan_stop",
+            "power",
+            "decorrelation",
+            "seed",
+        )
         np.savez_compressed(
             path,
             mask_packed=packed,

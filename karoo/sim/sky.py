@@ -85,9 +85,7 @@ class Target:
     def description(self) -> str:
         """The katpoint description string (what goes into ``cbf_target``)."""
         tags = " ".join(("radec", *self.tags))
-        text = (
-            f"{self.name}, {tags}, {format_angle(self.ra, hours=True)}, {format_angle(self.dec)}"
-        )
+        text = f"{self.name}, {tags}, {format_angle(self.ra, hours=True)}, {format_angle(self.dec)}"
         return f"{text}, {self.flux.description}" if self.flux else text
 
 

@@ -76,8 +76,14 @@ def test_bls_ordering():
     assert len(set(labels)) == len(labels)
     # Pair index a2 * (a2 + 1) / 2 + a1, four products each in vv, hv, vh, hh order
     assert labels[:8] == [
-        ("m000v", "m000v"), ("m000h", "m000v"), ("m000v", "m000h"), ("m000h", "m000h"),
-        ("m000v", "m001v"), ("m000h", "m001v"), ("m000v", "m001h"), ("m000h", "m001h"),
+        ("m000v", "m000v"),
+        ("m000h", "m000v"),
+        ("m000v", "m000h"),
+        ("m000h", "m000h"),
+        ("m000v", "m001v"),
+        ("m000h", "m001v"),
+        ("m000v", "m001h"),
+        ("m000h", "m001h"),
     ]
     for a2 in range(n):
         for a1 in range(a2 + 1):

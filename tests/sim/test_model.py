@@ -83,10 +83,15 @@ def test_offset_source_fringe_phase_follows_uvw():
     array = Array.meerkat(16)
     config = CorrelatorConfig(n_chans=64, n_substreams=4)
     instrument = InstrumentModel.ideal(array, config)
-    source = PointSource("off", BPCAL.ra + math.radians(0.1), BPCAL.dec + math.radians(0.05),
-                         FluxModel.power_law(10.0, 1.4e9, 0.0))
-    model = VisibilityModel(array, config, SkyModel((source,)), instrument,
-                            NoiseModel(enabled=False))
+    source = PointSource(
+        "off",
+        BPCAL.ra + math.radians(0.1),
+        BPCAL.dec + math.radians(0.05),
+        FluxModel.power_law(10.0, 1.4e9, 0.0),
+    )
+    model = VisibilityModel(
+        array, config, SkyModel((source,)), instrument, NoiseModel(enabled=False)
+    )
     vis = complex_vis(model, model.predict(TIME, CENTRE)[0])
     # Expected: exp(-2 pi i (u l + v m + w (n - 1)) / lambda) with uvw = x2 - x1
     basis = uvw_basis(*CENTRE, TIME, array.latitude, array.longitude)[0]
@@ -118,8 +123,12 @@ def test_noise_at_requested_snr(setup, snr):
     model = VisibilityModel(array, config, sky, instrument, NoiseModel(snr=snr), seed=7)
     p = model.products
     cross = p.is_parallel & ~p.is_auto
-    vis = np.stack([complex_vis(model, model.predict(TIME, CENTRE, dump_index=d)[0])[:, cross]
-                    for d in range(20)])
+    vis = np.stack(
+        [
+            complex_vis(model, model.predict(TIME, CENTRE, dump_index=d)[0])[:, cross]
+            for d in range(20)
+        ]
+    )
     noise = vis - 10.0
     measured = 10.0 / np.sqrt(np.mean(np.abs(noise) ** 2))
     assert measured == pytest.approx(snr, rel=0.03)

@@ -21,8 +21,17 @@ katsdptelstate = pytest.importorskip("katsdptelstate")
 katpoint = pytest.importorskip("katpoint")
 
 CBF_CRITICAL = (
-    "n_chans", "n_chans_per_substream", "n_accs", "bls_ordering", "bandwidth", "center_freq",
-    "input_labels", "sync_time", "int_time", "scale_factor_timestamp", "ticks_between_spectra",
+    "n_chans",
+    "n_chans_per_substream",
+    "n_accs",
+    "bls_ordering",
+    "bandwidth",
+    "center_freq",
+    "input_labels",
+    "sync_time",
+    "int_time",
+    "scale_factor_timestamp",
+    "ticks_between_spectra",
 )
 SCRIPT = [
     Scan("slew", BPCAL.description, 4.0),
@@ -35,8 +44,14 @@ SCRIPT = [
 
 @pytest.fixture(scope="module")
 def sim():
-    return Simulator.create(n_ants=4, n_chans=256, script=SCRIPT, noise=NoiseModel(snr=50.0),
-                            heap_loss=HeapLossModel(random_rate=0.1, seed=1), seed=2)
+    return Simulator.create(
+        n_ants=4,
+        n_chans=256,
+        script=SCRIPT,
+        noise=NoiseModel(snr=50.0),
+        heap_loss=HeapLossModel(random_rate=0.1, seed=1),
+        seed=2,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +76,16 @@ def test_cbf_keys(sim, telstate):
     bls = view["bls_ordering"]
     assert isinstance(bls, np.ndarray) and bls.shape == (2 * 4 * 5, 2)
     assert tuple(bls[3]) == ("m000h", "m000h")
-    assert list(view["input_labels"]) == ["m000h", "m000v", "m001h", "m001v", "m002h",
-                                          "m002v", "m003h", "m003v"]
+    assert list(view["input_labels"]) == [
+        "m000h",
+        "m000v",
+        "m001h",
+        "m001v",
+        "m002h",
+        "m002v",
+        "m003h",
+        "m003v",
+    ]
     assert view["sync_time"] == sim.sync_time
     assert view["bandwidth"] == 856e6 and view["center_freq"] == 1284e6
     # The same values at the levels a real CBF writes them
@@ -91,18 +114,24 @@ def test_sensors_follow_script(sim, telstate):
     np.testing.assert_allclose([t for _, t in activity], [*starts, sim.observation.end_time])
     targets = telstate.get_range("cbf_target", st=0)
     assert [katpoint.Target(v).name for v, _ in targets] == [
-        "PKS1934-638", "PKS1934-638", "SIM-GCAL", "SIM-GCAL", "SIM-FIELD"]
+        "PKS1934-638",
+        "PKS1934-638",
+        "SIM-GCAL",
+        "SIM-GCAL",
+        "SIM-FIELD",
+    ]
     assert "bpcal" in katpoint.Target(targets[0][0]).tags
     assert "delaycal" in katpoint.Target(targets[0][0]).tags
     for ant in sim.array.names:
         assert telstate.get_range(f"{ant}_target", st=0) == targets
         assert [a for a, _ in telstate.get_range(f"{ant}_activity", st=0)] == [
-            a for a, _ in activity]
+            a for a, _ in activity
+        ]
     labels = telstate.get_range("1717206000_obs_label", st=0)
     assert [v for v, _ in labels] == ["bandpass", "gain", "target"]
     # The value at a time inside the 2nd scan is 'track' on the bpcal
     t = starts[1] + 1.0
-    (value, ts), = telstate.get_range("1717206000_obs_activity", et=t, include_previous=True)
+    ((value, ts),) = telstate.get_range("1717206000_obs_activity", et=t, include_previous=True)
     assert value == "track" and ts == starts[1]
     log = telstate.get_range("1717206000_obs_script_log", st=0)
     assert any("Tracking PKS1934-638" in line for line, _ in log)
@@ -117,8 +146,13 @@ def test_pointing_and_weather(sim, telstate):
     value, t = elev[3]
     target = katpoint.Target(telstate.get_range("cbf_target", et=t, include_previous=True)[0][0])
     assert value == pytest.approx(np.degrees(target.azel(t, ref)[1]), abs=1e-3)
-    for key in ("anc_air_temperature", "anc_air_pressure", "anc_air_relative_humidity",
-                "anc_mean_wind_speed", "anc_wind_direction"):
+    for key in (
+        "anc_air_temperature",
+        "anc_air_pressure",
+        "anc_air_relative_humidity",
+        "anc_mean_wind_speed",
+        "anc_wind_direction",
+    ):
         assert isinstance(telstate.get_range(key, st=0)[0][0], float)
 
 
@@ -130,7 +164,8 @@ def test_dumps(sim):
     assert dumps[0].timestamp % ticks == 0
     assert all(b.timestamp - a.timestamp == ticks for a, b in itertools.pairwise(dumps))
     assert dumps[0].time == pytest.approx(
-        sim.sync_time + (dumps[0].timestamp + ticks / 2) / cfg.band.adc_sample_rate)
+        sim.sync_time + (dumps[0].timestamp + ticks / 2) / cfg.band.adc_sample_rate
+    )
     assert sim.observation.start_time <= dumps[0].time - cfg.dump_period / 2
     d = dumps[1]
     assert d.data.dtype == np.int32 and d.data.shape == (256, 40, 2)
@@ -152,8 +187,10 @@ def test_slew_has_no_source_and_track_has_it(sim):
     cross = p.is_parallel & ~p.is_auto
     slew = sim.dump(1).data  # inside the first 4 s slew
     track = sim.dump(10).data  # on PKS1934-638
+
     def amp(d):
         return np.abs(d[..., 0] + 1j * d[..., 1])[:, cross].mean() / sim.model.count_scale
+
     assert amp(track) > 5 * amp(slew)
 
 
