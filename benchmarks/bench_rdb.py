@@ -20,14 +20,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import katsdptelstate  # noqa: E402
-import lzf  # noqa: E402
-from katsdptelstate import encode_value  # noqa: E402
-from katsdptelstate.rdb_writer import RDBWriter  # noqa: E402
+import katsdptelstate
+import lzf
+from katsdptelstate import encode_value
+from katsdptelstate.rdb_writer import RDBWriter
 
-from karoo.telstate._lzf import lzf_decompress  # noqa: E402
-from karoo.telstate.keytypes import KeyType  # noqa: E402
-from karoo.telstate.rdb import dump_rdb, load_rdb  # noqa: E402
+from karoo.telstate._lzf import lzf_decompress
+from karoo.telstate.keytypes import KeyType
+from karoo.telstate.rdb import dump_rdb, load_rdb
 
 
 def make_dataset(n_keys: int):
