@@ -25,6 +25,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from . import _rdbscan
 from ._crc64 import crc64
 from ._lzf import lzf_decompress
 from .errors import RdbParseError
@@ -89,9 +90,11 @@ _TYPE_NAMES = {
 _KNOWN_TYPES = frozenset(
     {_T_STRING, _T_ZSET, _T_HASH, _T_ZSET2, _T_HASH_ZIPMAP, _T_ZSET_ZIPLIST, _T_HASH_ZIPLIST,
      _T_HASH_LISTPACK, _T_ZSET_LISTPACK} | set(_TYPE_NAMES))
+_FAST_ZSET_TYPES = frozenset({_T_ZSET, _T_ZSET2, _T_ZSET_ZIPLIST, _T_ZSET_LISTPACK})
 _ZERO_SCORE = bytes(8)
 _NEG_ZERO_SCORE = struct.pack("<d", -0.0)
 _SMALL_LENGTHS = [bytes([n]) for n in range(64)]
+_SMALL_INTS = [b"%d" % n for n in range(128)]
 _FLUSH_SIZE = 1 << 22
 
 
@@ -280,7 +283,10 @@ def _parse_ziplist(blob: bytes) -> list[bytes]:
             pos += 1 if first < 254 else 5  # previous entry length
             enc = blob[pos]
             top = enc >> 6
-            if top == 0:
+            if 0xF1 <= enc <= 0xFD:  # 0-12 held in the encoding byte (telstate's zero scores)
+                end = pos + 1
+                append(_SMALL_INTS[enc - 0xF1])
+            elif top == 0:
                 end = pos + 1 + (enc & 0x3F)
                 append(blob[pos + 1:end])
             elif top == 1:
@@ -304,9 +310,6 @@ def _parse_ziplist(blob: bytes) -> list[bytes]:
             elif enc == 0xFE:
                 end = pos + 2
                 append(_int_bytes(int.from_bytes(blob[pos + 1:end], "little", signed=True)))
-            elif 0xF1 <= enc <= 0xFD:
-                end = pos + 1
-                append(_int_bytes(enc - 0xF1))
             else:
                 raise _Corrupt(f"unknown ziplist entry encoding 0x{enc:02x}", pos)
             if end >= n:
@@ -334,7 +337,7 @@ def _parse_listpack(blob: bytes) -> list[bytes]:
         while True:
             enc = blob[pos]
             if enc < 0x80:
-                append(_int_bytes(enc))
+                append(_SMALL_INTS[enc])
                 size = 1
             elif enc < 0xC0:
                 size = 1 + (enc & 0x3F)
@@ -524,16 +527,23 @@ class _Parser:
             count, pos = self.length(pos)
             data, string = self.data, self.string
             members = []
+            append = members.append
+            startswith = data.startswith
             nonzero = False
             for _ in range(count):
-                member, pos = string(pos)
-                score = data[pos:pos + 8]
-                pos += 8
-                if score != _ZERO_SCORE and score != _NEG_ZERO_SCORE:
+                first = data[pos]
+                if first < 64:  # short member: inline the common case of string()
+                    pos += 1
+                    end = pos + first
+                    append(data[pos:end])
+                else:
+                    member, end = string(pos)
+                    append(member)
+                if not startswith(_ZERO_SCORE, end) and not startswith(_NEG_ZERO_SCORE, end):
                     nonzero = True
-                members.append(member)
+                pos = end + 8
             if pos > self.size:
-                raise _Corrupt("file truncated inside a zset score", self.size)
+                raise _Corrupt("file truncated inside a zset", self.size)
             return KeyType.MUTABLE, self._zset(key, members, nonzero), pos
         if vtype == _T_ZSET:
             count, pos = self.length(pos)
@@ -563,8 +573,9 @@ class _Parser:
             entries, end = self.blob(pos, parse)
             if len(entries) % 2:
                 raise _Corrupt("zset structure has an odd number of entries", pos)
-            nonzero = any(score != b"0" and not self._is_zero(score, pos)
-                          for score in entries[1::2])
+            scores = entries[1::2]
+            nonzero = scores.count(b"0") != len(scores) and not all(
+                self._is_zero(score, pos) for score in scores)
             return KeyType.MUTABLE, self._zset(key, entries[0::2], nonzero), end
         if vtype in (_T_HASH_ZIPLIST, _T_HASH_LISTPACK):
             parse = _parse_ziplist if vtype == _T_HASH_ZIPLIST else _parse_listpack
@@ -678,7 +689,19 @@ class _Parser:
 
     # ---- whole file
 
+    @staticmethod
+    def _duplicate(key: bytes, db1: int, db2: int, offset: int) -> tuple[str, int]:
+        where = "twice" if db1 == db2 else f"in databases {db1} and {db2} (choose one with db=)"
+        return f"key {key!r} appears {where}", offset
+
     def parse(self, db: int | None) -> list[Record]:
+        self.header()
+        result = self.parse_fast(db)
+        records, pos = result if result is not None else self.parse_records(db)
+        self.trailer(pos)
+        return records
+
+    def header(self) -> None:
         data = self.data
         if self.size < 9 or data[:5] != b"REDIS":
             raise _Corrupt("not an RDB file (no REDIS magic)", 0)
@@ -690,6 +713,56 @@ class _Parser:
             raise _Corrupt(f"unsupported RDB version {version} (this reader knows "
                            f"1-{MAX_READ_VERSION})", 5)
         self.version = version
+
+    def parse_fast(self, db: int | None) -> tuple[list[Record], int] | None:
+        """Parse with the numba scanner; None if the file needs the full parser."""
+        data, size = self.data, self.size
+        array = np.frombuffer(data, dtype=np.uint8)
+        spans = np.empty((size // 8 + 64, 2), dtype=np.int64)
+        recs = np.empty((size // 64 + 16, _rdbscan.REC_COLUMNS), dtype=np.int64)
+        state = (9, 0, 0, 0)
+        while True:
+            status, *state = _rdbscan.scan(array, state[0], state[1], spans, state[2], recs,
+                                           state[3])
+            if status == _rdbscan.OK:
+                break
+            if status == _rdbscan.GIVE_UP:
+                return None
+            # FULL: grow the tables and resume at the record that did not fit.
+            spans = np.concatenate([spans, np.empty_like(spans)])
+            recs = np.concatenate([recs, np.empty_like(recs)])
+        pos, _, n_spans, n_recs = state
+        starts = spans[:n_spans, 0].tolist()
+        ends = spans[:n_spans, 1].tolist()
+        strings = [data[s:e] for s, e in zip(starts, ends, strict=True)]
+        records: list[Record] = []
+        append = records.append
+        seen: dict[bytes, int] = {}
+        immutable, mutable, indexed = KeyType.IMMUTABLE, KeyType.MUTABLE, KeyType.INDEXED
+        for vtype, rec_db, first, count, _offset in recs[:n_recs].tolist():
+            if db is not None and rec_db != db:
+                continue
+            key = strings[first]
+            if key in seen:
+                return None  # let the full parser report it
+            seen[key] = rec_db
+            if vtype == _T_STRING:
+                append((key, immutable, strings[first + 1]))
+            elif vtype in _FAST_ZSET_TYPES:
+                members = strings[first + 1:first + 1 + count]
+                members.sort()
+                append((key, mutable, members))
+            else:
+                items = strings[first + 1:first + 1 + count]
+                value = dict(zip(items[0::2], items[1::2], strict=True))
+                if 2 * len(value) != count:
+                    return None
+                append((key, indexed, value))
+        return records, pos
+
+    def parse_records(self, db: int | None) -> tuple[list[Record], int]:
+        """The complete pure-Python parser: every type and opcode, and precise errors."""
+        data = self.data
         records: list[Record] = []
         seen: dict[bytes, int] = {}
         current_db = 0
@@ -700,7 +773,23 @@ class _Parser:
                 start = pos
                 op = data[pos]
                 pos += 1
-                if op < _OP_SLOT_INFO:
+                if op == _T_STRING:
+                    first = data[pos]
+                    if first < 64:
+                        pos += 1
+                        key = data[pos:pos + first]
+                        pos += first
+                    else:
+                        key, pos = self.string(pos)
+                    value, pos = self.string(pos)
+                    kind = KeyType.IMMUTABLE
+                    if db is not None and current_db != db:
+                        continue
+                    if key in seen:
+                        raise _Corrupt(*self._duplicate(key, seen[key], current_db, start))
+                    seen[key] = current_db
+                    records.append((key, kind, value))
+                elif op < _OP_SLOT_INFO:
                     if op not in _KNOWN_TYPES:
                         raise _Corrupt(f"unknown object type {op}", start)
                     key, pos = self.string(pos)
@@ -708,10 +797,7 @@ class _Parser:
                     if kind is None or (db is not None and current_db != db):
                         continue
                     if key in seen:
-                        other = seen[key]
-                        where = "twice" if other == current_db else (
-                            f"in databases {other} and {current_db} (choose one with db=)")
-                        raise _Corrupt(f"key {key!r} appears {where}", start)
+                        raise _Corrupt(*self._duplicate(key, seen[key], current_db, start))
                     seen[key] = current_db
                     records.append((key, kind, value))
                 elif op == _OP_EOF:
@@ -752,7 +838,12 @@ class _Parser:
         if pos > self.size:
             raise _Corrupt(f"file truncated (record starting at offset {start} is incomplete)",
                            self.size)
-        if version >= 5:
+        return records, pos
+
+    def trailer(self, pos: int) -> None:
+        """Check the CRC-64 after the EOF opcode at `pos` and that nothing follows."""
+        data = self.data
+        if self.version >= 5:
             self.need(pos, 8)
             stored = int.from_bytes(data[pos:pos + 8], "little")
             # Zero means the writer did not compute one (katsdptelstate, rdbchecksum no).
@@ -764,7 +855,6 @@ class _Parser:
             pos += 8
         if pos != self.size:
             raise _Corrupt(f"{self.size - pos} unexpected bytes after the end of the file", pos)
-        return records
 
 
 def load_rdb(

@@ -20,7 +20,7 @@ from karoo.telstate._crc64 import crc64
 from karoo.telstate._lzf import lzf_decompress
 from karoo.telstate.errors import RdbParseError
 from karoo.telstate.keytypes import KeyType
-from karoo.telstate.rdb import _length, dump_rdb, load_rdb
+from karoo.telstate.rdb import _length, _Parser, dump_rdb, load_rdb
 from karoo.telstate.server import RedisServer
 
 IMMUTABLE, MUTABLE, INDEXED = KeyType.IMMUTABLE, KeyType.MUTABLE, KeyType.INDEXED
@@ -480,3 +480,64 @@ def test_bad_headers_and_types(good_file):
         load_rdb(handmade(b"\x00" + rdb_string(b"k") + b"\xc3\x05\x0a" + b"\xff" * 5))
     with pytest.raises(TypeError):
         load_rdb(12345)
+
+
+# ---------------------------------------------------------------------- fast and full parsers
+
+def both_parsers(data: bytes):
+    """Results of the numba fast path (None if it gave up) and of the full Python parser."""
+    fast = _Parser(data, None, False)
+    fast.header()
+    full = _Parser(data, None, False)
+    full.header()
+    return fast.parse_fast(None), full.parse_records(None)
+
+
+def test_fast_path_agrees_with_full_parser(tmp_path):
+    # Tiny records overflow the initial tables, exercising the resume-after-growth path.
+    tiny = [(b"%d" % i, IMMUTABLE, b"") for i in range(3000)]
+    for records in (telstate_records(), tiny):
+        fast, full = both_parsers(dump_bytes(records))
+        assert fast is not None
+        assert fast == full
+        assert fast[0] == normalised(records)
+    # The anchor's ziplists and type-3 zsets.
+    ts = katsdptelstate.TelescopeState()
+    for i in range(100):
+        ts.add("big_sensor", i, ts=float(i))
+        ts.add(f"sensor{i}", "on", ts=1.0)
+        ts.set_indexed(f"index{i}", i, "x")
+    path = tmp_path / "anchor.rdb"
+    with RDBWriter(path) as writer:
+        writer.save(ts)
+    fast, full = both_parsers(path.read_bytes())
+    assert fast is not None
+    assert fast == full
+    # Redis-saved files (LZF, int-encoded strings) need the full parser.
+    with RedisServer(directory=tmp_path, dbfilename="saved.rdb") as server:
+        client = server.client()
+        redis7_populate(client)
+        client.save()
+        client.close()
+    fast, full = both_parsers((tmp_path / "saved.rdb").read_bytes())
+    assert fast is None
+    assert full[0]
+
+
+def test_load_rdbwriter_dump_of_redis7(tmp_path):
+    """katsdptelstate's RDBWriter on a Redis 7 server writes listpacks it cannot read back."""
+    with RedisServer(directory=tmp_path) as server:
+        ts = katsdptelstate.TelescopeState(server.url)
+        ts["attr"] = "value"
+        for i in range(5):
+            ts.add("sensor", i, ts=100.0 + i)
+        ts.set_indexed("index", "sub", 1)
+        path = tmp_path / "from_redis7.rdb"
+        with RDBWriter(path) as writer:
+            writer.save(ts)
+        expected = redis7_expected(server.client())
+    loaded = load_rdb(path)
+    assert sorted(loaded) == sorted(expected)
+    assert b"\xc3" in path.read_bytes()  # Redis compressed the sensor's listpack with LZF
+    with pytest.raises(katsdptelstate.RdbParseError):
+        katsdptelstate.TelescopeState().load_from_file(path)
