@@ -10,7 +10,7 @@ function is compiled once, cached on disk, and shared by every receiver). Layout
 
 - ``state[0:HEADER]``: parameters and running values (``P_*`` offsets below);
 - the duplicate detector: ``DUP_RING`` chunk ids, then ``DUP_RING * n_substreams`` flags;
-- the descriptor mailbox: ``DESC_SLOTS`` lengths, then ``DESC_SLOTS`` slots of
+- the descriptor mailbox: ``DESC_SLOTS`` lengths, ``DESC_SLOTS`` dump indices, then ``DESC_SLOTS`` slots of
   ``DESC_SLOT_BYTES`` bytes where the first packet of each descriptor heap is copied for
   Python to decode (CBF descriptor heaps fit in one packet).
 """
@@ -32,7 +32,12 @@ PAYLOAD_OFFSET_ID = 0x03
 TIMESTAMP_ID = 0x1600
 FREQUENCY_ID = 0x4103
 STREAM_CTRL_ID = 0x06
-PLACE_ITEMS = [HEAP_LENGTH_ID, PAYLOAD_OFFSET_ID, TIMESTAMP_ID, FREQUENCY_ID, STREAM_CTRL_ID]
+# Private item of the receiver's own flush heap (see CBFReceiver.stop); its value must
+# match the receiver's random token, so a peer cannot end the stream by accident.
+FLUSH_ID = 0x7FF1
+PLACE_ITEMS = [
+    HEAP_LENGTH_ID, PAYLOAD_OFFSET_ID, TIMESTAMP_ID, FREQUENCY_ID, STREAM_CTRL_ID, FLUSH_ID,
+]
 DESCRIPTOR_ID = 0x05
 
 # Parameters and running values in the state array.
@@ -54,6 +59,8 @@ P_DESC_SLOTS = 14
 P_DESC_SLOT_BYTES = 15
 P_DESC_COUNT = 16  # descriptor packets captured so far
 P_TOTAL = 17  # length of the state array in int64 words
+P_FLUSH_TOKEN = 18
+P_FLUSH_CHUNK = 19  # chunk id given to the flush heap (-1: none yet)
 HEADER = 24
 
 # Rejection reasons, in the order of their statistics.
@@ -84,11 +91,12 @@ def make_state(
     window: int,
     desc_slots: int = 4,
     desc_slot_bytes: int = 65536,
+    flush_token: int = 0,
 ) -> np.ndarray:
     """Allocate and fill the state array for one receiver."""
     dup_ring = window + 1
     desc_words = desc_slots * desc_slot_bytes // 8
-    total = HEADER + dup_ring + dup_ring * n_substreams + desc_slots + desc_words
+    total = HEADER + dup_ring + dup_ring * n_substreams + 2 * desc_slots + desc_words
     state = np.zeros(total, np.int64)
     state[P_STEP] = step
     state[P_BASE] = 0 if base is None else base
@@ -106,16 +114,20 @@ def make_state(
     state[P_DESC_SLOTS] = desc_slots
     state[P_DESC_SLOT_BYTES] = desc_slot_bytes
     state[P_TOTAL] = total
+    state[P_FLUSH_TOKEN] = flush_token
+    state[P_FLUSH_CHUNK] = -1
     state[HEADER : HEADER + dup_ring] = -1
     return state
 
 
-def desc_layout(state: np.ndarray) -> tuple[int, int]:
-    """Word offsets of the descriptor lengths and of the descriptor bytes."""
+def desc_layout(state: np.ndarray) -> tuple[int, int, int]:
+    """Word offsets of the descriptor lengths, of the newest dump index when each was
+    captured (it applies to later dumps only), and of the descriptor bytes."""
     n_sub = int(state[P_N_SUB])
     ring = int(state[P_DUP_RING])
     lengths = HEADER + ring + ring * n_sub
-    return lengths, lengths + int(state[P_DESC_SLOTS])
+    slots = int(state[P_DESC_SLOTS])
+    return lengths, lengths + slots, lengths + 2 * slots
 
 
 @numba.njit(nogil=True, cache=True)
@@ -149,13 +161,14 @@ def _capture_descriptor(state, packet, packet_size, n_items, heap_length, payloa
     n_sub = state[P_N_SUB]
     ring = state[P_DUP_RING]
     lengths = HEADER + ring + ring * n_sub
-    words = lengths + state[P_DESC_SLOTS]
+    words = lengths + 2 * state[P_DESC_SLOTS]
     slot = state[P_DESC_COUNT] % state[P_DESC_SLOTS]
     raw = state[words:].view(np.uint8)
     start = slot * slot_bytes
     for i in range(packet_size):
         raw[start + i] = packet[i]
     state[lengths + slot] = packet_size
+    state[lengths + state[P_DESC_SLOTS] + slot] = state[P_LATEST]
     state[P_DESC_COUNT] += 1
 
 
@@ -171,6 +184,14 @@ def place_heap(state, items, packet, packet_size, stats):
     payload_offset = items[1]
     timestamp = items[2]
     frequency = items[3]
+    if items[5] >= 0:
+        latest = state[P_LATEST]
+        if items[5] == state[P_FLUSH_TOKEN] and latest >= 0 and state[P_FLUSH_CHUNK] < 0:
+            # Jump far enough ahead that spead2 ages out (delivers) every real dump.
+            state[P_FLUSH_CHUNK] = latest + 2 * state[P_WINDOW]
+            return state[P_FLUSH_CHUNK], 0
+        stats[stat0 + S_METADATA] += 1
+        return -1, 0
     if items[4] >= 0:  # stream control (start/stop) heap: metadata, not data
         stats[stat0 + S_METADATA] += 1
         return -1, 0
@@ -249,7 +270,7 @@ def _place_cfunc(data_ptr, data_size, user_data):
     data = numba.carray(data_ptr, 1)
     header = numba.carray(user_data, HEADER, dtype=np.int64)
     state = numba.carray(user_data, header[P_TOTAL], dtype=np.int64)
-    items = numba.carray(intp_to_voidptr(data[0].items), 5, dtype=np.int64)
+    items = numba.carray(intp_to_voidptr(data[0].items), 6, dtype=np.int64)
     packet_size = np.int64(data[0].packet_size)
     packet = numba.carray(intp_to_voidptr(data[0].packet), packet_size, dtype=np.uint8)
     n_stats = state[P_STAT0] + len(REASONS)
@@ -259,6 +280,8 @@ def _place_cfunc(data_ptr, data_size, user_data):
         data[0].chunk_id = chunk_id
         data[0].heap_index = heap_index
         data[0].heap_offset = heap_index * state[P_HEAP_BYTES]
+        if chunk_id == state[P_FLUSH_CHUNK]:
+            data[0].heap_offset = 0
 
 
 def place_callable(state: np.ndarray) -> scipy.LowLevelCallable:

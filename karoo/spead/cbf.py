@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -410,6 +411,7 @@ class CBFReceiver:
             max_ahead=max_dumps_ahead,
             stat0=stat0,
             window=max_chunks,
+            flush_token=secrets.randbits(47),
         )
         chunk_config = spead2.recv.ChunkStreamConfig(
             items=_place.PLACE_ITEMS,
@@ -431,6 +433,11 @@ class CBFReceiver:
             )
             self._stream.add_free_chunk(chunk)
         self._current: _CBFChunk | None = None
+        self._max_chunks = max_chunks
+        self._ending = False
+        # A private queue through which stop() sends the flush heap.
+        self._flush_queue = spead2.InprocQueue()
+        self._stream.add_inproc_reader(self._flush_queue)
         self.endpoints: list[Endpoint] = add_readers(
             self._stream, spec,
             max_packet_size=max_packet_size, buffer_size=buffer_size,
@@ -462,6 +469,11 @@ class CBFReceiver:
         return out
 
     @property
+    def heaps_seen(self) -> int:
+        """Heaps spead2 has finished with (accepted, rejected or incomplete)."""
+        return int(self._stream.stats["heaps"])
+
+    @property
     def timestamp_base(self) -> int | None:
         """Timestamp of dump index 0, once known."""
         return int(self._state[_place.P_BASE]) if self._state[_place.P_BASE_SET] else None
@@ -473,20 +485,21 @@ class CBFReceiver:
 
     # -- descriptors ---------------------------------------------------------------------
 
-    def _check_descriptors(self) -> None:
+    def _check_descriptors(self, dump_index: int) -> None:
+        """Apply the descriptors captured before this dump's heaps arrived, in order."""
         count = int(self._state[_place.P_DESC_COUNT])
-        if count == self._desc_seen:
-            return
-        lengths, words = _place.desc_layout(self._state)
+        lengths, latest, words = _place.desc_layout(self._state)
         slots = int(self._state[_place.P_DESC_SLOTS])
         slot_bytes = int(self._state[_place.P_DESC_SLOT_BYTES])
         raw = self._state[words:].view(np.uint8)
-        for k in range(max(self._desc_seen, count - slots), count):
-            slot = k % slots
+        self._desc_seen = max(self._desc_seen, count - slots)  # older ones were overwritten
+        while self._desc_seen < count:
+            slot = self._desc_seen % slots
+            if int(self._state[latest + slot]) >= dump_index:
+                break  # arrived while this dump was already under way: for later dumps
             n = int(self._state[lengths + slot])
-            packet = bytes(raw[slot * slot_bytes : slot * slot_bytes + n])
-            self._apply_descriptor(packet)
-        self._desc_seen = count
+            self._apply_descriptor(bytes(raw[slot * slot_bytes : slot * slot_bytes + n]))
+            self._desc_seen += 1
 
     def _apply_descriptor(self, packet: bytes) -> None:
         stream = spead2.recv.Stream(spead2.ThreadPool(), spead2.recv.StreamConfig())
@@ -534,7 +547,7 @@ class CBFReceiver:
 
     def _deliver(self, chunk: _CBFChunk) -> CBFDump | None:
         """Turn a finished chunk into a dump, or return None to recycle it."""
-        self._check_descriptors()
+        self._check_descriptors(chunk.chunk_id)
         present = chunk.present.astype(bool)
         n_present = int(present.sum())
         if n_present == 0:
@@ -566,37 +579,70 @@ class CBFReceiver:
             counters=self.counters,
         )
 
+    def _is_last(self, chunk: _CBFChunk) -> bool:
+        """Is this the last real dump before our own flush heap?"""
+        flush_chunk = int(self._state[_place.P_FLUSH_CHUNK])
+        return flush_chunk >= 0 and chunk.chunk_id >= flush_chunk - 2 * self._max_chunks
+
+    def _next(self, chunk: _CBFChunk) -> CBFDump | None:
+        last = self._is_last(chunk)
+        dump = None if chunk.chunk_id > int(self._state[_place.P_LATEST]) and last \
+            else self._deliver(chunk)
+        if last:
+            self._ending = True
+        if dump is None:
+            self._stream.add_free_chunk(chunk)
+        return dump
+
     def __aiter__(self) -> AsyncIterator[CBFDump]:
         return self
 
     async def __anext__(self) -> CBFDump:
         self._release()
-        while True:
+        while not self._ending:
             try:
                 chunk = await self._data_ring.get()
             except spead2.Stopped:
-                raise StopAsyncIteration from None
-            dump = self._deliver(chunk)
+                break
+            dump = self._next(chunk)
             if dump is not None:
                 return dump
-            self._stream.add_free_chunk(chunk)
+        self._stream.stop()
+        raise StopAsyncIteration
 
     def __iter__(self) -> Iterator[CBFDump]:
         while True:
             self._release()
+            if self._ending:
+                break
             try:
                 chunk = spead2.recv.ChunkRingbuffer.get(self._data_ring)
             except spead2.Stopped:
-                return
-            dump = self._deliver(chunk)
-            if dump is None:
-                self._stream.add_free_chunk(chunk)
-                continue
-            yield dump
+                break
+            dump = self._next(chunk)
+            if dump is not None:
+                yield dump
+        self._stream.stop()
 
     def stop(self) -> None:
-        """Stop receiving; dumps still under assembly are delivered, then iteration ends."""
-        self._stream.stop()
+        """End the stream gracefully: dumps under assembly are still delivered, then
+        iteration ends (spead2's own stop would discard them).
+
+        Works by sending a private flush heap through an in-process queue that pushes
+        every real dump out of spead2's window.
+        """
+        if int(self._state[_place.P_LATEST]) < 0:
+            self._stream.stop()  # nothing under assembly
+            return
+        ig = spead2.send.ItemGroup(flavour=CBF_FLAVOUR)
+        ig.add_item(_place.FLUSH_ID, "karoo_flush", "", shape=(), format=_IMMEDIATE_FORMAT,
+                    value=int(self._state[_place.P_FLUSH_TOKEN]))
+        ig.add_item(0x7FF2, "karoo_flush_pad", "", shape=(8,), dtype=np.uint8,
+                    value=np.zeros(8, np.uint8))
+        sender = spead2.send.InprocStream(
+            spead2.ThreadPool(), [self._flush_queue], spead2.send.StreamConfig()
+        )
+        sender.send_heap(ig.get_heap(descriptors="none", data="all"))
 
     async def aclose(self) -> None:
         """Stop and let pending callbacks run."""

@@ -11,7 +11,7 @@ configuration:
     TCP; the receiver listens, the sender connects. One connection per endpoint.
 ``inproc://name`` or ``inproc://name+N``
     spead2 in-process queues from a process-wide registry (queue ``name`` or the N+1 queues
-    ``name``, ``name+1``, ... ``name+N``), so that an embedded pipeline can run in one process.
+    ``name``, ``name.1``, ... ``name.N``), so that an embedded pipeline can run in one process.
 
 Several specifications may be joined with commas; they must all use the same scheme.
 
@@ -179,7 +179,7 @@ def parse_transport(text: str | TransportSpec) -> TransportSpec:
         if scheme == "inproc":
             name, plus, count = rest.rpartition("+")
             if plus and count.isdigit():
-                names = [name] + [f"{name}+{i}" for i in range(1, int(count) + 1)]
+                names = [name] + [f"{name}.{i}" for i in range(1, int(count) + 1)]
             else:
                 names = [rest]
             if not all(names):
