@@ -10,7 +10,8 @@ function is compiled once, cached on disk, and shared by every receiver). Layout
 
 - ``state[0:HEADER]``: parameters and running values (``P_*`` offsets below);
 - the duplicate detector: ``DUP_RING`` chunk ids, then ``DUP_RING * n_substreams`` flags;
-- the descriptor mailbox: ``DESC_SLOTS`` lengths, ``DESC_SLOTS`` dump indices, then ``DESC_SLOTS`` slots of
+- the descriptor mailbox: ``DESC_SLOTS`` lengths, ``DESC_SLOTS`` dump indices, then
+  ``DESC_SLOTS`` slots of
   ``DESC_SLOT_BYTES`` bytes where the first packet of each descriptor heap is copied for
   Python to decode (CBF descriptor heaps fit in one packet).
 """

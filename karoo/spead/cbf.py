@@ -262,9 +262,9 @@ class CBFSender:
                              f"{data.shape}")
         if not 0 <= timestamp < 2**48:
             raise ValueError("timestamp must fit in 48 bits")
-        if self.descriptor_interval and self._dumps_sent % self.descriptor_interval == 0:
-            if self._dumps_sent:  # start() already sent the first set
-                await self.send_descriptors()
+        interval = self.descriptor_interval
+        if interval and self._dumps_sent and self._dumps_sent % interval == 0:
+            await self.send_descriptors()  # start() sent the first set
         wire = data.astype(self._wire_dtype, copy=False)
         cps = p.n_chans_per_substream
         refs = []
@@ -357,8 +357,11 @@ class CBFReceiver:
         A heap more than this many dumps ahead of the newest is suspect (``too_far``) until
         a whole dump's worth of heaps agrees on the jump.
     stop_on_stop_item
-        End the stream at the first stop heap (one sender). Otherwise only :meth:`stop` or
-        the transport closing ends it.
+        End the stream at the first stop heap: right for one sender on one endpoint (or
+        one in-process queue / TCP connection). With several UDP endpoints each carries its
+        own stop heap and the first would cut the others short, so pass False and call
+        :meth:`stop` (which still delivers the dumps under assembly), as ingest does at
+        capture-done.
     """
 
     def __init__(
@@ -513,7 +516,7 @@ class CBFReceiver:
             return
         finally:
             stream.stop()
-        if "xeng_raw" not in ig.keys():
+        if "xeng_raw" not in ig:
             return
         item = ig["xeng_raw"]
         expected = self.params.heap_shape

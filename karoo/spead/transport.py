@@ -26,6 +26,7 @@ sending to it fails with an OSError, which is raised as is.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import threading
@@ -299,10 +300,8 @@ def add_readers(
             bound.append(ep)
         else:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            try:
+            with contextlib.suppress(OSError):  # capped by net.core.rmem_max: best effort
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
-            except OSError:  # capped by net.core.rmem_max; best effort
-                pass
             sock.bind((ep.host, ep.port))
             bound.append(Endpoint(ep.host, sock.getsockname()[1]))
             stream.add_udp_reader(sock, max_packet_size)

@@ -75,7 +75,7 @@ async def test_roundtrip(transport, byteorder, inproc_spec):
         # Each UDP endpoint gets its own stop heap, so the first cannot end the stream;
         # the daemon stops the receiver itself (at capture-done), which still delivers
         # the dumps under assembly. Wait until spead2 has seen the 21 data heaps and the
-        # 2 descriptor heaps.
+        # 2 descriptor heaps (stop heaps are not counted by spead2 as heaps).
         task = asyncio.ensure_future(collect(rx))
         for _ in range(1000):
             if rx.heaps_seen >= 23:

@@ -1,5 +1,6 @@
 """Transport naming and the endpoint parser."""
 
+import asyncio
 import socket
 
 import numpy as np
@@ -89,12 +90,16 @@ async def test_cbf_over_multicast_loopback():
         pytest.skip("multicast loopback on 127.0.0.1 is not available on this host")
     params = CBFStreamParams(n_chans=32, n_chans_per_substream=8, n_bls=6, timestamp_step=100)
     spec = "udp://239.255.10.2+1:47148"
-    rx = CBFReceiver(spec, params, interface_address="127.0.0.1")
+    rx = CBFReceiver(spec, params, interface_address="127.0.0.1", stop_on_stop_item=False)
     tx = await CBFSender.create(spec, params, interface_address="127.0.0.1", rate=20e6)
     data = np.arange(32 * 6 * 2, dtype=np.int32).reshape(32, 6, 2)
     await tx.start()
     await tx.send_dump(data, 1000)
-    await tx.stop()
+    for _ in range(1000):  # descriptors on both groups, then the four data heaps
+        if rx.heaps_seen >= 6:
+            break
+        await asyncio.sleep(0.01)
+    rx.stop()
     dumps = [(d.timestamp, d.data.copy(), d.present.copy()) async for d in rx]
     assert len(dumps) == 1
     assert dumps[0][0] == 1000 and dumps[0][2].all()
