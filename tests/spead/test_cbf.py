@@ -62,7 +62,7 @@ async def test_roundtrip(transport, byteorder, inproc_spec):
     if transport == "udp":
         spec = "udp://127.0.0.1:0,udp://127.0.0.1:0"  # two endpoints, two substreams each
     rx = CBFReceiver(spec, PARAMS, stop_on_stop_item=transport != "udp")
-    tx = await CBFSender.create(receiver_spec(spec, rx), PARAMS, byteorder=byteorder, rate=50e6)
+    tx = await CBFSender.create(receiver_spec(spec, rx), PARAMS, byteorder=byteorder, rate=10e6)
     assert tx.n_endpoints == len(rx.endpoints)
     dumps = make_dumps(6)
     missing = {2: [1], 4: [0, 3]}

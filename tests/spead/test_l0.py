@@ -61,7 +61,8 @@ async def test_two_senders_to_receiver(transport, inproc_spec):
         port = rx.endpoints[0].port
         senders = await make_senders(lambda i: f"udp://127.0.0.1:{port}")
     else:  # one TCP connection (port) per sender
-        rx = L0Receiver("tcp://127.0.0.1:0,tcp://127.0.0.1:0", N_CHANS, N_BLS, PER_SENDER)
+        rx = L0Receiver("tcp://127.0.0.1:0,tcp://127.0.0.1:0", N_CHANS, N_BLS, PER_SENDER,
+                        max_pending=4)  # two connections drift apart: allow for it
         senders = await make_senders(lambda i: f"tcp://127.0.0.1:{rx.endpoints[i].port}")
     for s in senders:
         await s.start()
