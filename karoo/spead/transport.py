@@ -1,0 +1,309 @@
+"""Naming and opening SPEAD transports: UDP (unicast/multicast), TCP and in-process queues.
+
+One way to name a transport, used by every daemon's command line and by the product
+configuration:
+
+``udp://239.1.2.3+3:7148``
+    UDP to four consecutive addresses 239.1.2.3 .. 239.1.2.6 on port 7148 (the MeerKAT
+    ``a.b.c.d+N:port`` convention). Multicast if the address is a multicast one, unicast
+    otherwise. A bare ``239.1.2.3+3:7148`` means the same.
+``tcp://host:port``
+    TCP; the receiver listens, the sender connects. One connection per endpoint.
+``inproc://name`` or ``inproc://name+N``
+    spead2 in-process queues from a process-wide registry (queue ``name`` or the N+1 queues
+    ``name``, ``name.1``, ... ``name.N``), so that an embedded pipeline can run in one process.
+
+Several specifications may be joined with commas; they must all use the same scheme.
+
+Port 0 on a receiver binds an ephemeral port; the receiver then reports the real one
+(see :func:`add_readers`), which is what tests use on loopback.
+
+Notes on the sandbox/CI environment: UDP and TCP on 127.0.0.1 work everywhere. Multicast
+needs a route for 224.0.0.0/4 and an interface that loops multicast back; on hosts without
+one (containers often have only ``lo``, which lacks the MULTICAST flag) joining the group or
+sending to it fails with an OSError, which is raised as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+import spead2
+import spead2.recv
+import spead2.send
+import spead2.send.asyncio
+
+__all__ = [
+    "Endpoint",
+    "TransportSpec",
+    "add_readers",
+    "endpoint_list_to_str",
+    "inproc_queue",
+    "make_send_stream",
+    "parse_endpoints",
+    "parse_transport",
+    "remove_inproc_queues",
+]
+
+Scheme = Literal["udp", "tcp", "inproc"]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One network (host, port) or in-process queue name."""
+
+    host: str
+    port: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def is_multicast(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_multicast
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class TransportSpec:
+    """A parsed transport specification: a scheme and its endpoints."""
+
+    scheme: Scheme
+    endpoints: tuple[Endpoint, ...]
+
+    def __str__(self) -> str:
+        if self.scheme == "inproc":
+            return ",".join(f"inproc://{ep.host}" for ep in self.endpoints)
+        return ",".join(f"{self.scheme}://{ep}" for ep in self.endpoints)
+
+    def __len__(self) -> int:
+        return len(self.endpoints)
+
+
+def _expand_host(host: str) -> list[str]:
+    """Expand ``a.b.c.d+N`` into N+1 consecutive IPv4 addresses."""
+    if "+" not in host:
+        return [host]
+    base, _, count = host.rpartition("+")
+    try:
+        n = int(count)
+    except ValueError:
+        raise ValueError(f"invalid address count in {host!r}") from None
+    if n < 0:
+        raise ValueError(f"negative address count in {host!r}")
+    try:
+        first = ipaddress.IPv4Address(base)
+    except ValueError:
+        raise ValueError(f"{base!r} is not an IPv4 address (needed for +N)") from None
+    return [str(first + i) for i in range(n + 1)]
+
+
+def parse_endpoints(text: str, default_port: int | None = None) -> list[Endpoint]:
+    """Parse a comma-separated list of ``host[+N][:port]`` endpoints.
+
+    Parameters
+    ----------
+    text
+        For example ``"239.1.2.3+3:7148"`` or ``"10.0.0.1:7148,10.0.0.2:7149"``.
+    default_port
+        Port used where an entry has none; if None, a port is required.
+
+    Returns
+    -------
+    list of Endpoint
+        In order, with every ``+N`` expanded.
+
+    Raises
+    ------
+    ValueError
+        If an entry is malformed.
+    """
+    endpoints: list[Endpoint] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise ValueError(f"empty endpoint in {text!r}")
+        host, sep, port_text = part.rpartition(":")
+        if not sep:
+            host, port_text = part, ""
+        if not port_text:
+            if default_port is None:
+                raise ValueError(f"endpoint {part!r} has no port")
+            port = default_port
+        else:
+            try:
+                port = int(port_text)
+            except ValueError:
+                raise ValueError(f"invalid port in endpoint {part!r}") from None
+            if not 0 <= port < 65536:
+                raise ValueError(f"port out of range in endpoint {part!r}")
+        if not host:
+            host = "0.0.0.0"
+        endpoints.extend(Endpoint(h, port) for h in _expand_host(host))
+    return endpoints
+
+
+def endpoint_list_to_str(endpoints: list[Endpoint]) -> str:
+    """Format endpoints as a comma-separated list (the inverse of :func:`parse_endpoints`)."""
+    return ",".join(str(ep) for ep in endpoints)
+
+
+def parse_transport(text: str | TransportSpec) -> TransportSpec:
+    """Parse a transport specification (see the module docstring).
+
+    Raises
+    ------
+    ValueError
+        If the scheme is unknown, schemes are mixed, or an endpoint is malformed.
+    """
+    if isinstance(text, TransportSpec):
+        return text
+    schemes: set[str] = set()
+    endpoints: list[Endpoint] = []
+    for part in text.split(","):
+        part = part.strip()
+        scheme, sep, rest = part.partition("://")
+        if not sep:
+            scheme, rest = "udp", part
+        if scheme not in ("udp", "tcp", "inproc", "spead"):
+            raise ValueError(f"unknown transport scheme {scheme!r} in {text!r}")
+        if scheme == "spead":  # katsdpcontroller's name for UDP SPEAD endpoints
+            scheme = "udp"
+        schemes.add(scheme)
+        if scheme == "inproc":
+            name, plus, count = rest.rpartition("+")
+            if plus and count.isdigit():
+                names = [name] + [f"{name}.{i}" for i in range(1, int(count) + 1)]
+            else:
+                names = [rest]
+            if not all(names):
+                raise ValueError(f"empty in-process queue name in {text!r}")
+            endpoints.extend(Endpoint(n) for n in names)
+        else:
+            endpoints.extend(parse_endpoints(rest))
+    if len(schemes) != 1:
+        raise ValueError(f"mixed transport schemes in {text!r}")
+    return TransportSpec(schemes.pop(), tuple(endpoints))  # type: ignore[arg-type]
+
+
+# -- in-process queues -------------------------------------------------------------------------
+
+_inproc_lock = threading.Lock()
+_inproc_queues: dict[str, spead2.InprocQueue] = {}
+
+
+def inproc_queue(name: str) -> spead2.InprocQueue:
+    """The process-wide in-process queue called `name` (created on first use)."""
+    with _inproc_lock:
+        queue = _inproc_queues.get(name)
+        if queue is None:
+            queue = _inproc_queues[name] = spead2.InprocQueue()
+        return queue
+
+
+def remove_inproc_queues(spec: str | TransportSpec) -> None:
+    """Forget the named queues, so the next user of the names gets fresh ones.
+
+    A stopped queue cannot be restarted, so a new capture needs new queues.
+    """
+    spec = parse_transport(spec)
+    with _inproc_lock:
+        for ep in spec.endpoints:
+            _inproc_queues.pop(ep.host, None)
+
+
+# -- send --------------------------------------------------------------------------------------
+
+
+async def make_send_stream(
+    spec: str | TransportSpec,
+    config: spead2.send.StreamConfig,
+    *,
+    thread_pool: spead2.ThreadPool | None = None,
+    interface_address: str = "",
+    ttl: int = 1,
+    buffer_size: int | None = None,
+) -> spead2.send.asyncio.AsyncStream:
+    """Open an asyncio send stream with one substream per endpoint of `spec`.
+
+    TCP streams support exactly one endpoint (spead2 connects one socket per stream).
+    """
+    spec = parse_transport(spec)
+    pool = thread_pool if thread_pool is not None else spead2.ThreadPool()
+    addrs = [(ep.host, ep.port) for ep in spec.endpoints]
+    if spec.scheme == "inproc":
+        queues = [inproc_queue(ep.host) for ep in spec.endpoints]
+        return spead2.send.asyncio.InprocStream(pool, queues, config)
+    if spec.scheme == "tcp":
+        if len(addrs) != 1:
+            raise ValueError(f"a TCP send stream has exactly one endpoint, not {len(addrs)}")
+        kwargs = {} if buffer_size is None else {"buffer_size": buffer_size}
+        return await spead2.send.asyncio.TcpStream.connect(pool, addrs, config, **kwargs)
+    kwargs = {}
+    if buffer_size is not None:
+        kwargs["buffer_size"] = buffer_size
+    if any(ep.is_multicast for ep in spec.endpoints):
+        if interface_address:
+            return spead2.send.asyncio.UdpStream(
+                pool, addrs, config, ttl=ttl, interface_address=interface_address, **kwargs
+            )
+        return spead2.send.asyncio.UdpStream(pool, addrs, config, ttl=ttl, **kwargs)
+    return spead2.send.asyncio.UdpStream(pool, addrs, config, **kwargs)
+
+
+# -- receive -----------------------------------------------------------------------------------
+
+
+def add_readers(
+    stream: spead2.recv.ChunkRingStream | spead2.recv.Stream,
+    spec: str | TransportSpec,
+    *,
+    max_packet_size: int = 9200,
+    buffer_size: int = 8 * 1024 * 1024,
+    interface_address: str = "",
+) -> list[Endpoint]:
+    """Add one reader per endpoint of `spec` to a spead2 receive stream.
+
+    Returns
+    -------
+    list of Endpoint
+        The endpoints actually bound (port 0 replaced by the ephemeral port chosen), in
+        the order of `spec`; for in-process queues the names.
+    """
+    spec = parse_transport(spec)
+    bound: list[Endpoint] = []
+    for ep in spec.endpoints:
+        if spec.scheme == "inproc":
+            stream.add_inproc_reader(inproc_queue(ep.host))
+            bound.append(ep)
+        elif spec.scheme == "tcp":
+            acceptor = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            acceptor.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            acceptor.bind((ep.host, ep.port))
+            acceptor.listen(1)
+            bound.append(Endpoint(ep.host, acceptor.getsockname()[1]))
+            stream.add_tcp_reader(acceptor, max_packet_size)
+            acceptor.close()  # spead2 holds its own duplicate of the socket
+        elif ep.is_multicast:
+            if ep.port == 0:
+                raise ValueError("a multicast endpoint needs an explicit port")
+            stream.add_udp_reader(
+                ep.host, ep.port, max_packet_size, buffer_size, interface_address
+            )
+            bound.append(ep)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with contextlib.suppress(OSError):  # capped by net.core.rmem_max: best effort
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
+            sock.bind((ep.host, ep.port))
+            bound.append(Endpoint(ep.host, sock.getsockname()[1]))
+            stream.add_udp_reader(sock, max_packet_size)
+            sock.close()
+    return bound
