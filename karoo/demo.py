@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from .telstate import TelescopeState
+from .telstate import KeyType, TelescopeState
 
 
 def add_commands(subparsers) -> None:
@@ -68,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
     n_keys = ts.dump(rdb)
     loaded = TelescopeState()
     loaded.load_from_file(rdb)
-    for key in ts.keys():
+    names = ts.keys()
+    for key in names:
         expected, got = ts.get(key, return_encoded=True), loaded.get(key, return_encoded=True)
-        if ts.key_type(key) == loaded.key_type(key) == 2:
+        if ts.key_type(key) == loaded.key_type(key) == KeyType.MUTABLE:
             expected, got = ts.get_range(key, st=0), loaded.get_range(key, st=0)
         if expected != got:
             print(f"MISMATCH in {key}")
