@@ -175,6 +175,17 @@ def _translate(exc: Exception, where: str) -> Exception:
     return exc
 
 
+def _as_update(message: dict) -> tuple[bytes, bytes | None] | None:
+    """A pub/sub message as ``(key, update message)``; a (re)subscription gives ``(key, None)``
+    because updates may have been missed before it, and anything else None."""
+    key = message["channel"][len(UPDATE_CHANNEL_PREFIX) :]
+    if message["type"] == "subscribe":
+        return key, None
+    if message["type"] == "message":
+        return key, message["data"]
+    return None
+
+
 def _pairs(flat: list) -> dict:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -418,11 +429,9 @@ class RedisBackend(_Operations):
                         raise _translate(exc, self.where) from exc
                     if message is None:
                         raise queue.Empty
-                    key = message["channel"][len(UPDATE_CHANNEL_PREFIX) :]
-                    if message["type"] == "subscribe":
-                        return key, None
-                    if message["type"] == "message":
-                        return key, message["data"]
+                    update = _as_update(message)
+                    if update is not None:
+                        return update
 
             yield next_update
         finally:
@@ -493,13 +502,9 @@ class AsyncRedisBackend(_Operations):
                         message = await pubsub.get_message(timeout=None)
                     except redis.RedisError as exc:
                         raise _translate(exc, self.where) from exc
-                    if message is None:
-                        continue
-                    key = message["channel"][len(UPDATE_CHANNEL_PREFIX) :]
-                    if message["type"] == "subscribe":
-                        return key, None
-                    if message["type"] == "message":
-                        return key, message["data"]
+                    update = None if message is None else _as_update(message)
+                    if update is not None:
+                        return update
 
             yield next_update
         finally:
