@@ -15,6 +15,7 @@ or, for slices written independently (e.g. one per dask worker)::
 from .kernels import gather_rows
 from .layout import MJD_UNIX_OFFSET, MSInput, MSLayout, Scan, Target, itrf_from_enu
 from .slicing import concat_slices, iter_blocks, plan_slices, write_ms
+from .uvw import geometric_uvw
 from .writer import DumpBlock, MSWriter, append_dumps, create_ms, main_table_layout
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "concat_slices",
     "create_ms",
     "gather_rows",
+    "geometric_uvw",
     "iter_blocks",
     "itrf_from_enu",
     "main_table_layout",
