@@ -1,0 +1,96 @@
+"""A small synthetic observation for the MS writer tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from karoo.ms import MSInput, Scan, Target, itrf_from_enu
+
+N_ANTS, N_CHANS, N_DUMPS = 4, 16, 10
+POL_ORDER_CBF = (("v", "v"), ("h", "v"), ("v", "h"), ("h", "h"))
+MEERKAT_LAT, MEERKAT_LON, MEERKAT_ALT = np.radians(-30.71292), np.radians(21.44380), 1038.0
+
+
+@dataclass
+class Observation:
+    meta: MSInput
+    vis: np.ndarray
+    flags: np.ndarray
+    weights: np.ndarray
+    enu: np.ndarray
+
+
+def antenna_uvw(enu: np.ndarray, targets: list[Target]):
+    """A simple per-antenna uvw hook: ENU offsets rotated with time and target (metres)."""
+
+    def hook(timestamps: np.ndarray, target: np.ndarray) -> np.ndarray:
+        angle = (timestamps - 1.7e9) * 7.3e-5 + np.array([targets[i].ra for i in target])
+        c, s = np.cos(angle), np.sin(angle)
+        u = c[:, None] * enu[None, :, 0] - s[:, None] * enu[None, :, 1]
+        v = s[:, None] * enu[None, :, 0] + c[:, None] * enu[None, :, 1]
+        w = np.broadcast_to(enu[None, :, 2], u.shape)
+        return np.stack([u, v, w], axis=-1)
+
+    return hook
+
+
+def cbf_products(names: list[str], pols=POL_ORDER_CBF) -> list[tuple[str, str]]:
+    """Products in MeerKAT CBF order (by ANTENNA2, then ANTENNA1; vv, hv, vh, hh)."""
+    return [
+        (f"{names[a1]}{p1}", f"{names[a2]}{p2}")
+        for a2 in range(len(names))
+        for a1 in range(a2 + 1)
+        for p1, p2 in pols
+    ]
+
+
+def make_observation(pols=POL_ORDER_CBF, drop: int | None = None, n_dumps=N_DUMPS) -> Observation:
+    rng = np.random.default_rng(42)
+    names = [f"m{i:03d}" for i in range(N_ANTS)]
+    enu = rng.uniform(-500, 500, (N_ANTS, 3)) * np.array([1, 1, 0.01])
+    products = cbf_products(names, pols)
+    if drop is not None:
+        del products[drop]
+    targets = [
+        Target("PKS1934-638", np.radians(294.85), np.radians(-63.71)),
+        Target("J0408-6545", np.radians(62.08), np.radians(-65.75)),
+    ]
+    scans = [
+        Scan(0, 4, 0, "CALIBRATE_BANDPASS#ON_SOURCE"),
+        Scan(4, n_dumps, 1, "OBSERVE_TARGET#ON_SOURCE"),
+    ]
+    meta = MSInput(
+        antenna_names=names,
+        antenna_positions=itrf_from_enu(enu, MEERKAT_LAT, MEERKAT_LON, MEERKAT_ALT),
+        channel_freqs=856e6 + 53.5e6 * np.arange(N_CHANS),
+        channel_width=53.5e6,
+        corr_products=products,
+        targets=targets,
+        scans=scans,
+        timestamps=1.7e9 + 8.0 * np.arange(n_dumps) + 4.0,
+        dump_period=8.0,
+        antenna_uvw=antenna_uvw(enu, targets),
+        observer="karoo tests",
+        project="karoo",
+        history=("synthetic observation",),
+    )
+    n_products = len(products)
+    t, f, k = np.meshgrid(
+        np.arange(n_dumps), np.arange(N_CHANS), np.arange(n_products), indexing="ij"
+    )
+    vis = (t * 1000 + k + 1j * f).astype(np.complex64)
+    flags = (rng.random(vis.shape) < 0.2).astype(np.uint8) * rng.choice(
+        np.array([2, 8, 16], np.uint8), vis.shape
+    )
+    flags[3, :, 8:12] = 8  # every product of baseline m001-m001 in dump 3: FLAG_ROW
+    weights = rng.uniform(0.5, 4.0, vis.shape).astype(np.float32)
+    weights[rng.random(vis.shape) < 0.05] = 0.0
+    return Observation(meta, vis, flags, weights, enu)
+
+
+@pytest.fixture
+def obs() -> Observation:
+    return make_observation()
