@@ -25,8 +25,8 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import numpy as np
 import numba
+import numpy as np
 from numba import njit, prange
 
 # Flag bits (katdal.flags).
@@ -75,10 +75,18 @@ def _unpack_sample_py(re, im, inv_n_accs):
 
 
 def _amplitude_py(re, im):
-    """|v| rounded from double precision, which is what numpy's ``abs`` of complex64 gives."""
-    r = np.float64(re)
-    i = np.float64(im)
-    return np.float32(math.sqrt(r * r + i * i))
+    """|v| of a complex64 sample, bit-identical to numpy's ``abs`` (and so to katsdpsigproc).
+
+    numpy's SIMD loop computes ``larger * sqrt(fma(r, r, 1))`` with ``r = smaller / larger`` in
+    float32; the fma is emulated exactly in double precision.
+    """
+    a = abs(re)
+    b = abs(im)
+    larger = max(a, b)
+    smaller = min(a, b)
+    ratio = smaller / larger if larger > 0 else np.float32(0.0)
+    r = np.float64(ratio)
+    return np.float32(math.sqrt(np.float32(r * r + 1.0))) * larger
 
 
 def _window_median13_py(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12):
@@ -206,20 +214,21 @@ def _finalize_sample_py(sr, si, w, flag, excise):
     return np.float32(0.0), np.float32(0.0), np.float32(0.0), np.uint8(flag | DATA_LOST)
 
 
+def _bswap32_py(x):
+    """Byte-swapped int32 (big-endian correlator data)."""
+    x = np.uint32(x)
+    return np.int32(
+        ((x & 0xFF) << 24) | ((x & 0xFF00) << 8) | ((x >> 8) & 0xFF00) | ((x >> 24) & 0xFF)
+    )
+
+
+_bswap32 = _cpu_inline(_bswap32_py)
 _unpack_sample = _cpu_inline(_unpack_sample_py)
 _amplitude = _cpu_inline(_amplitude_py)
 _window_median13 = _cpu_inline(_window_median13_py)
 _deviation = _cpu_inline(_deviation_py)
 _accumulate_sample = _cpu_inline(_accumulate_sample_py)
 _finalize_sample = _cpu_inline(_finalize_sample_py)
-
-
-@_cpu_inline
-def _bswap32(x):
-    x = np.uint32(x)
-    return np.int32(
-        ((x & 0xFF) << 24) | ((x & 0xFF00) << 8) | ((x >> 8) & 0xFF00) | ((x >> 24) & 0xFF)
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -780,34 +789,52 @@ class TimeAverager:
         self.n_dumps = 0
 
 
+def _channel_average_at_py(vis, flags, weights, factor, excise, k, b):
+    """Continuum channel k of baseline b: weighted mean, summed weight and ORed flags."""
+    good = False
+    for c in range(k * factor, (k + 1) * factor):
+        good |= flags[c, b] == 0
+    sr = np.float32(0.0)
+    si = np.float32(0.0)
+    sw = np.float32(0.0)
+    sf = np.uint8(0)
+    for c in range(k * factor, (k + 1) * factor):
+        if not (excise and good and flags[c, b] != 0):
+            w = weights[c, b]
+            sr += w * vis[c, b, 0]
+            si += w * vis[c, b, 1]
+            sw += w
+            sf |= flags[c, b]
+    if sw > 0:
+        return sr / sw, si / sw, sw, sf
+    return np.float32(0.0), np.float32(0.0), sw, sf
+
+
+def _weights_row_py(weights, c, out):
+    """Compress the weights of channel c to uint8 in `out`; return weights_channel[c]."""
+    peak = np.float32(2.0**-96)
+    for b in range(weights.shape[1]):
+        peak = max(peak, weights[c, b])
+    scale = peak / np.float32(255.0)
+    for b in range(weights.shape[1]):
+        out[c, b] = np.uint8(min(math.floor(weights[c, b] / scale + np.float32(0.5)), 255))
+    return scale
+
+
+_channel_average_at = _cpu_inline(_channel_average_at_py)
+_weights_row = _cpu_inline(_weights_row_py)
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def _channel_average_cpu(vis, flags, weights, factor, excise, out_vis, out_flags, out_weights):
     n_out, n_bls = out_weights.shape
     for k in prange(n_out):
         for b in range(n_bls):
-            sr = np.float32(0.0)
-            si = np.float32(0.0)
-            sw = np.float32(0.0)
-            sf = np.uint8(0)
-            good = False
-            for c in range(k * factor, (k + 1) * factor):
-                good |= flags[c, b] == 0
-            for c in range(k * factor, (k + 1) * factor):
-                if excise and good and flags[c, b] != 0:
-                    continue
-                w = weights[c, b]
-                sr += w * vis[c, b, 0]
-                si += w * vis[c, b, 1]
-                sw += w
-                sf |= flags[c, b]
-            if sw > 0:
-                out_vis[k, b, 0] = sr / sw
-                out_vis[k, b, 1] = si / sw
-            else:
-                out_vis[k, b, 0] = 0.0
-                out_vis[k, b, 1] = 0.0
-            out_weights[k, b] = sw
-            out_flags[k, b] = sf
+            vr, vi, w, f = _channel_average_at(vis, flags, weights, factor, excise, k, b)
+            out_vis[k, b, 0] = vr
+            out_vis[k, b, 1] = vi
+            out_weights[k, b] = w
+            out_flags[k, b] = f
 
 
 def channel_average(
@@ -854,24 +881,16 @@ def channel_average(
 
 @njit(parallel=True, nogil=True, cache=True)
 def _weights_to_uint8_cpu(weights, out, weights_channel):
-    n_chans, n_bls = weights.shape
-    floor = np.float32(2.0**-96)
-    for c in prange(n_chans):
-        peak = floor
-        for b in range(n_bls):
-            peak = max(peak, weights[c, b])
-        scale = peak / np.float32(255.0)
-        weights_channel[c] = scale
-        for b in range(n_bls):
-            out[c, b] = np.uint8(min(np.rint(weights[c, b] / scale), np.float32(255.0)))
+    for c in prange(weights.shape[0]):
+        weights_channel[c] = _weights_row(weights, c, out)
 
 
 def weights_to_uint8(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Compress float weights to the L0 format: uint8 per visibility times float32 per channel.
 
     ``weights_channel = max(max over baselines of weights, 2**-96) / 255`` and
-    ``weights = rint(weights / weights_channel)``, so the largest weight in each channel maps to
-    255 and ``weights * weights_channel`` recovers the weight to within half a step. As in
+    ``weights = floor(weights / weights_channel + 0.5)``, so the largest weight in each channel
+    maps to 255 and ``weights * weights_channel`` recovers the weight to within half a step. As in
     katsdpingest, weights are not power-scaled here: readers divide by the product of the
     autocorrelation powers when ``need_weights_power_scale`` is set in telstate.
 
