@@ -240,7 +240,7 @@ def baseline_permutation(
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Choose and order the correlation products that ingest emits.
 
-    Products whose second input sorts before the first (the duplicate half in some correlator
+    Products whose second antenna sorts before the first (the duplicate half in some correlator
     modes) and, if `antennas` is given, products involving other antennas are dropped. The rest
     are stably sorted as katsdpingest does: autocorrelations first, then same-polarisation
     before cross-hand products, then by the two polarisations (auto hh, vv, hv, vh, cross hh,
@@ -266,9 +266,9 @@ def baseline_permutation(
     keys = []
     for index, (a, b) in enumerate(bls_ordering):
         a, b = str(a), str(b)
-        if b < a:
-            continue
         ant_a, pol_a, ant_b, pol_b = a[:-1], a[-1], b[:-1], b[-1]
+        if ant_b < ant_a:
+            continue
         if keep is not None and (ant_a not in keep or ant_b not in keep):
             continue
         pol_rank = {"h": 0, "v": 1}
