@@ -1,0 +1,1 @@
+"""Ingest: receive CBF visibilities, convert, flag, average and emit the L0 streams."""
