@@ -15,7 +15,7 @@ Conventions (identical to katsdpcal, so that katdal's applycal reads our product
 * Gains are phase-referenced: the reference antenna's phase is 0. An antenna without valid data
   gets NaN.
 
-Weights are **inverse-variance** weights ``w = 1/σ²`` (σ² the variance of the complex
+Weights are **inverse-variance** weights ``w = 1/sigma²`` (sigma² the variance of the complex
 visibility). They enter the least-squares cost ``Σ w·|V - g_a·conj(g_b)|²`` linearly, which is the
 maximum-likelihood solution for Gaussian noise. Zero, negative, non-finite or absurdly large
 (> 1e15) weights and non-finite visibilities all mean "flagged": such samples are ignored and can
