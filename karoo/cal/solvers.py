@@ -594,7 +594,7 @@ def solint_from_nominal(solint: float, dump_period: float, n_dumps: int) -> tupl
     for n in range(lo, hi + 1):
         rem = n_dumps % n
         fill = 1.0 if rem == 0 else rem / n
-        key = (-fill, abs(n - nominal))
+        key = (-fill, abs(n - nominal), -n)  # ties: the longer interval (more signal)
         if best is None or key < best[0]:
             best = (key, n)
     n = best[1]
