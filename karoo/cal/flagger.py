@@ -165,6 +165,22 @@ def _select(buf, k, lo, hi):
 
 
 @njit(nogil=True, cache=True)
+def _normal_quantile(p):
+    """Inverse standard normal CDF (Abramowitz & Stegun 26.2.23, |error| < 4.5e-4)."""
+    q = p if p < 0.5 else 1.0 - p
+    t = math.sqrt(-2.0 * math.log(q))
+    x = t - (2.515517 + 0.802853 * t + 0.010328 * t * t) / (
+        1.0 + 1.432788 * t + 0.189269 * t * t + 0.001308 * t * t * t)
+    return -x if p < 0.5 else x
+
+
+@njit(nogil=True, cache=True)
+def _order_stat_z(i, k):
+    """Expected standard-normal value of the i-th (0-based) of k sorted samples (Blom)."""
+    return _normal_quantile((i + 1 - 0.375) / (k + 0.25))
+
+
+@njit(nogil=True, cache=True)
 def _channel_stats(r, usable, med, sigma, stride, all_med):
     """Per channel: median and (q90 - q50)/1.2816 of usable samples over time (NaN if none).
 
@@ -202,9 +218,11 @@ def _channel_stats(r, usable, med, sigma, stride, all_med):
             q50 = row[k50]
             med[f] = q50
             if want_sigma:
-                k90 = min(k - 1, int(0.9 * (k - 1) + 0.5))
+                k90 = max(k50 + 1, min(k - 1, int(0.9 * (k - 1) + 0.5)))
                 _select(row, k90, k50, k)
-                sigma[f] = (row[k90] - q50) / 1.2815516
+                # Scale by the expected spacing of these order statistics, so that short
+                # blocks (few dumps) do not underestimate the noise.
+                sigma[f] = (row[k90] - q50) / (_order_stat_z(k90, k) - _order_stat_z(k50, k))
             else:
                 sigma[f] = np.nan
 

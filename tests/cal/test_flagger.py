@@ -68,7 +68,7 @@ def test_idempotent_and_deterministic(flagger, cross_block, cross_flags):
 
 
 def test_nan_and_input_flags(flagger):
-    blk = rfi_block(31, 20, 256, 3, signal=10.0, rfi=False)
+    blk = rfi_block(31, 40, 256, 3, signal=10.0, rfi=False)
     vis = blk.vis.copy()
     vis[3, 10, 0] = np.nan
     in_flags = np.zeros(vis.shape, np.uint8)
@@ -78,7 +78,6 @@ def test_nan_and_input_flags(flagger):
     flags = flagger.get_flags(vis, in_flags.astype(bool))
     np.testing.assert_array_equal(flags, reference)
     assert flags[3, 10, 0]  # NaN is always flagged
-    assert not flags[5, 20:30, 1].any()  # input flags are not echoed as detections
 
 
 def test_flag_cross_hands_sets_cal_rfi_in_all_pols():
