@@ -1,0 +1,1 @@
+"""Calibration: kernels (StEFCal solvers, SumThreshold flagger) and, later, the cal daemon."""

@@ -1,0 +1,823 @@
+"""Calibration solvers: StEFCal gains, delay (K), bandpass (B), gain (G) and cross-hand delay.
+
+Conventions (identical to katsdpcal, so that katdal's applycal reads our products unchanged):
+
+* Visibility model: ``V_ab = g_a · conj(g_b) · M_ab`` with the sky model ``M`` already divided
+  out by the caller, so the solvers assume a unit point source.
+* ``bls`` is an int array ``(n_bl, 2)`` of antenna indices per baseline (katsdpcal's
+  ``bls_lookup``). Autocorrelations (``a == b``) are ignored.
+* Delays are in **seconds** and describe the gain ``g_a(f) = exp(+2πi·K_a·f)``; the correction
+  divides that out. K is referenced to the reference antenna (its delay is 0).
+* Products are shaped like katsdpcal's: K ``(n_pols, n_ants)`` float32, B ``(n_chans, n_pols,
+  n_ants)`` complex64, G ``(n_intervals, n_pols, n_ants)`` complex64 (one telstate entry per
+  interval), KCROSS ``(2, 1)`` float32 with row 1 = 0. The pol axis follows ``cal_pol_ordering``
+  (``['v', 'h']`` for MeerKAT).
+* Gains are phase-referenced: the reference antenna's phase is 0. An antenna without valid data
+  gets NaN.
+
+Weights are **inverse-variance** weights ``w = 1/sigma²`` (sigma² the variance of the complex
+visibility). They enter the least-squares cost ``Σ w·|V - g_a·conj(g_b)|²`` linearly, which is the
+maximum-likelihood solution for Gaussian noise. Zero, negative, non-finite or absurdly large
+(> 1e15) weights and non-finite visibilities all mean "flagged": such samples are ignored and can
+never poison a solution.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+#: Weights above this are treated as invalid (katsdpcal drops them too: "stefcal divide by zero").
+HIGH_WEIGHT = 1e15
+
+
+class StefcalResult(NamedTuple):
+    """Output of :func:`stefcal`.
+
+    Attributes
+    ----------
+    gains : ndarray, complex, shape (..., n_ants)
+        Phase-referenced gains; NaN for antennas without valid data.
+    iterations : ndarray, int32, shape (...)
+        Iterations used by each solve.
+    converged : ndarray, bool, shape (...)
+        Whether each solve met the convergence threshold before ``max_iters``.
+    ref_ant : ndarray, int32, shape (...)
+        The antenna each solve was referenced to (differs from the requested one when that
+        antenna had no valid data), or -1 if the solve had no valid data at all.
+    """
+
+    gains: np.ndarray
+    iterations: np.ndarray
+    converged: np.ndarray
+    ref_ant: np.ndarray
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract", "arcp"})
+def _jacobi_step(rr, ri, w, gr, gi, good, out_r, out_i):
+    """One StEFCal update of every good antenna from the previous iterate (gr, gi)."""
+    n = gr.shape[0]
+    ag2 = gr * gr + gi * gi
+    for p in range(n):
+        if not good[p]:
+            continue
+        nr = 0.0
+        ni = 0.0
+        d = 0.0
+        for q in range(n):
+            a = rr[p, q]
+            b = ri[p, q]
+            nr += a * gr[q] - b * gi[q]
+            ni += a * gi[q] + b * gr[q]
+            d += w[p, q] * ag2[q]
+        if d > 0:
+            out_r[p] = nr / d
+            out_i[p] = ni / d
+        else:
+            out_r[p] = gr[p]
+            out_i[p] = gi[p]
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _stefcal_kernel(vis, weights, ant1, ant2, n_ants, ref_ant, init_gain, max_iters, conv_thresh,
+                    gains, iterations, converged, ref_used):
+    n_solves, n_bl = vis.shape
+    real_t = weights.dtype
+    thresh2 = conv_thresh * conv_thresh
+    for s in prange(n_solves):
+        rr = np.zeros((n_ants, n_ants), real_t)
+        ri = np.zeros((n_ants, n_ants), real_t)
+        w = np.zeros((n_ants, n_ants), real_t)
+        for k in range(n_bl):
+            a = ant1[k]
+            b = ant2[k]
+            if a == b:
+                continue
+            v = vis[s, k]
+            wt = weights[s, k]
+            # The comparisons are False for NaN, so NaN weights fall out here too.
+            if not (wt > 0 and wt < HIGH_WEIGHT and np.isfinite(v.real) and np.isfinite(v.imag)):
+                continue
+            rr[a, b] += wt * v.real
+            ri[a, b] += wt * v.imag
+            rr[b, a] += wt * v.real
+            ri[b, a] -= wt * v.imag
+            w[a, b] += wt
+            w[b, a] += wt
+        total_w = np.zeros(n_ants, np.float64)
+        good = np.zeros(n_ants, np.bool_)
+        for p in range(n_ants):
+            for q in range(n_ants):
+                total_w[p] += w[p, q]
+            good[p] = total_w[p] > 0
+        gr = np.empty(n_ants, real_t)
+        gi = np.empty(n_ants, real_t)
+        for p in range(n_ants):
+            g0 = init_gain[s, p]
+            if np.isfinite(g0.real) and np.isfinite(g0.imag) and abs(g0) > 0:
+                gr[p] = g0.real
+                gi[p] = g0.imag
+            else:
+                gr[p] = 1.0
+                gi[p] = 0.0
+        new_r = gr.copy()
+        new_i = gi.copy()
+        it = 0
+        conv = False
+        while it < max_iters:
+            _jacobi_step(rr, ri, w, gr, gi, good, new_r, new_i)
+            it += 1
+            if it % 2 == 0:
+                # Salvini & Wijnholds: test and average on every second iteration, which
+                # damps the two-cycle oscillation of the plain Jacobi update.
+                diff = 0.0
+                norm = 0.0
+                for p in range(n_ants):
+                    dr = new_r[p] - gr[p]
+                    di = new_i[p] - gi[p]
+                    diff += dr * dr + di * di
+                    norm += new_r[p] * new_r[p] + new_i[p] * new_i[p]
+                if diff <= thresh2 * norm:
+                    conv = True
+                    gr[:] = new_r
+                    gi[:] = new_i
+                    break
+                for p in range(n_ants):
+                    gr[p] = 0.5 * (new_r[p] + gr[p])
+                    gi[p] = 0.5 * (new_i[p] + gi[p])
+            else:
+                gr[:] = new_r
+                gi[:] = new_i
+        # Reference antenna: the requested one if it has data, else the best-connected one.
+        ref = ref_ant
+        if ref < 0 or ref >= n_ants or not good[ref] or gr[ref] * gr[ref] + gi[ref] * gi[ref] == 0:
+            ref = -1
+            best = 0.0
+            for p in range(n_ants):
+                if good[p] and total_w[p] > best and gr[p] * gr[p] + gi[p] * gi[p] > 0:
+                    best = total_w[p]
+                    ref = p
+        ref_used[s] = ref
+        iterations[s] = it
+        converged[s] = conv
+        if ref < 0:
+            for p in range(n_ants):
+                gains[s, p] = np.nan + 1j * np.nan
+            continue
+        amp = np.sqrt(gr[ref] * gr[ref] + gi[ref] * gi[ref])
+        cr = gr[ref] / amp
+        ci = -gi[ref] / amp
+        for p in range(n_ants):
+            if good[p]:
+                gains[s, p] = (gr[p] * cr - gi[p] * ci) + 1j * (gr[p] * ci + gi[p] * cr)
+            else:
+                gains[s, p] = np.nan + 1j * np.nan
+
+
+def _check_bls(bls: np.ndarray, n_ants: int) -> np.ndarray:
+    bls = np.asarray(bls)
+    if bls.ndim != 2 or bls.shape[1] != 2:
+        raise ValueError(f"bls must have shape (n_bl, 2), not {bls.shape}")
+    if bls.size and (bls.min() < 0 or bls.max() >= n_ants):
+        raise ValueError(f"bls refers to antennas outside 0..{n_ants - 1}")
+    return bls.astype(np.int64)
+
+
+def _broadcast_weights(weights, vis: np.ndarray, real_dtype) -> np.ndarray:
+    if weights is None:
+        return np.ones(vis.shape, real_dtype)
+    weights = np.asarray(weights)
+    try:
+        return np.broadcast_to(weights, vis.shape).astype(real_dtype)
+    except ValueError:
+        raise ValueError(
+            f"weights of shape {weights.shape} do not broadcast to vis {vis.shape}"
+        ) from None
+
+
+def stefcal(
+    vis: np.ndarray,
+    bls: np.ndarray,
+    n_ants: int,
+    weights: np.ndarray | None = None,
+    ref_ant: int = 0,
+    init_gain: np.ndarray | None = None,
+    max_iters: int = 100,
+    conv_thresh: float = 1e-5,
+) -> StefcalResult:
+    """Solve for per-antenna complex gains with StEFCal, many independent solves at once.
+
+    Every leading axis of `vis` is an independent problem (channel, interval, pol ...); the
+    solves run in parallel over numba threads.
+
+    Parameters
+    ----------
+    vis : ndarray, complex64 or complex128, shape (..., n_bl)
+        Visibilities divided by the model, ``V_ab ≈ g_a·conj(g_b)``.
+    bls : ndarray, int, shape (n_bl, 2)
+        Antenna indices of each baseline. Autocorrelations are ignored.
+    n_ants : int
+        Number of antennas.
+    weights : ndarray, optional
+        Inverse-variance weights broadcastable to `vis` (see the module docstring); zero,
+        non-finite or > 1e15 means flagged. Default: all 1.
+    ref_ant : int
+        Antenna whose phase is set to 0. If it has no valid data in a solve, that solve is
+        referenced to the antenna with the most total weight instead (reported in
+        ``ref_ant`` of the result). A negative value always picks that antenna.
+    init_gain : ndarray, complex, optional
+        Initial gains broadcastable to (..., n_ants). Default: all 1.
+    max_iters : int
+        Maximum number of iterations.
+    conv_thresh : float
+        Stop when ``‖g - g_prev‖ ≤ conv_thresh·‖g‖`` (tested every second iteration).
+
+    Returns
+    -------
+    StefcalResult
+        Gains (..., n_ants) of the precision of `vis`, iterations, convergence flags and the
+        reference antenna used.
+    """
+    vis = np.asarray(vis)
+    if not np.iscomplexobj(vis):
+        vis = vis.astype(np.complex128)
+    if vis.dtype not in (np.complex64, np.complex128):
+        vis = vis.astype(np.complex128)
+    bls = _check_bls(bls, n_ants)
+    if vis.ndim < 1 or vis.shape[-1] != len(bls):
+        raise ValueError(f"vis last axis {vis.shape[-1:]} does not match {len(bls)} baselines")
+    real_dtype = np.float32 if vis.dtype == np.complex64 else np.float64
+    lead = vis.shape[:-1]
+    w = _broadcast_weights(weights, vis, real_dtype).reshape(-1, len(bls))
+    flat = vis.reshape(-1, len(bls))
+    n_solves = flat.shape[0]
+    if init_gain is None:
+        g0 = np.ones((n_solves, n_ants), vis.dtype)
+    else:
+        g0 = np.broadcast_to(np.asarray(init_gain, vis.dtype), (*lead, n_ants))
+        g0 = np.ascontiguousarray(g0.reshape(n_solves, n_ants))
+    gains = np.empty((n_solves, n_ants), vis.dtype)
+    iterations = np.empty(n_solves, np.int32)
+    converged = np.empty(n_solves, np.bool_)
+    ref_used = np.empty(n_solves, np.int32)
+    _stefcal_kernel(np.ascontiguousarray(flat), np.ascontiguousarray(w), bls[:, 0].copy(),
+                    bls[:, 1].copy(), n_ants, int(ref_ant), g0, int(max_iters),
+                    float(conv_thresh), gains, iterations, converged, ref_used)
+    return StefcalResult(gains.reshape(*lead, n_ants), iterations.reshape(lead),
+                         converged.reshape(lead), ref_used.reshape(lead))
+
+
+# --------------------------------------------------------------------------------------------
+# Averaging helpers
+
+
+def valid_weights(vis: np.ndarray, weights: np.ndarray | None = None,
+                  flags: np.ndarray | None = None) -> np.ndarray:
+    """Weights with every invalid sample set to 0 (float64, the shape of `vis`).
+
+    A sample is invalid when it is flagged (non-zero `flags`), when the visibility is not finite
+    or exactly zero, or when its weight is not finite, not positive or above ``HIGH_WEIGHT``.
+    """
+    vis = np.asarray(vis)
+    w = np.ones(vis.shape) if weights is None else np.broadcast_to(weights, vis.shape)
+    w = np.asarray(w, np.float64)
+    bad = ~np.isfinite(vis) | (vis == 0) | ~(w > 0) | ~(w < HIGH_WEIGHT)
+    if flags is not None:
+        bad |= np.broadcast_to(np.asarray(flags) != 0, vis.shape)
+    return np.where(bad, 0.0, w)
+
+
+def weighted_average(vis: np.ndarray, weights: np.ndarray | None = None,
+                     axis: int | tuple[int, ...] = 0, flags: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """NaN-safe inverse-variance weighted average along `axis`.
+
+    Returns
+    -------
+    vis_avg : ndarray, complex128
+        Average; NaN where nothing valid contributed.
+    weight_sum : ndarray, float64
+        Summed weights, i.e. the inverse variance of the average (0 where nothing was valid).
+    """
+    vis = np.asarray(vis)
+    w = valid_weights(vis, weights, flags)
+    wsum = w.sum(axis=axis)
+    num = np.where(w > 0, vis * w, 0).sum(axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        avg = np.where(wsum > 0, num / np.where(wsum > 0, wsum, 1), np.nan + 0j)
+    return avg, wsum
+
+
+# --------------------------------------------------------------------------------------------
+# Delay fitting
+
+
+def _fit_delays(spectra: np.ndarray, weights: np.ndarray, freqs: np.ndarray,
+                oversample: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Delay of each complex spectrum ``s(f) ∝ exp(+2πi·τ·f)``: FFT peak, then a phase-slope fit.
+
+    The coarse FFT search is over the whole unambiguous range ±1/(2Δf); the fine fit is a
+    weighted least-squares line through the phase after the coarse delay and the mean phase
+    are removed, so no phase unwrapping is needed (the residual stays well inside ±π), iterated
+    twice to re-centre.
+
+    Parameters
+    ----------
+    spectra : ndarray, complex, shape (n, n_chans)
+    weights : ndarray, float, shape (n, n_chans)
+        Relative weight of each channel (0 = unusable).
+    freqs : ndarray, float, shape (n_chans,)
+        Uniformly spaced channel frequencies in Hz.
+
+    Returns
+    -------
+    delay, phase_rms : ndarray, float64, shape (n,)
+        Delay in seconds (NaN with no valid channel) and the weighted RMS of the residual phase.
+    """
+    freqs = np.asarray(freqs, np.float64)
+    n_chans = freqs.size
+    n = spectra.shape[0]
+    delay = np.full(n, np.nan)
+    phase_rms = np.full(n, np.nan)
+    if n_chans < 2:
+        return delay, phase_rms
+    df = (freqs[-1] - freqs[0]) / (n_chans - 1)
+    if df == 0 or not np.allclose(np.diff(freqs), df, rtol=1e-6, atol=abs(df) * 1e-6):
+        raise ValueError("delay fitting needs uniformly spaced channel frequencies")
+    ok = (weights > 0) & np.isfinite(spectra)
+    w = np.where(ok, weights, 0.0)
+    unit = np.where(ok, spectra / np.where(ok & (spectra != 0), np.abs(spectra), 1), 0)
+    n_fft = 1 << int(np.ceil(np.log2(oversample * n_chans)))
+    power = np.abs(np.fft.ifft(unit * w, n=n_fft, axis=-1))
+    # ifft's kernel is exp(+2πi·m·k/M); a spectrum ∝ exp(+2πi·τ·Δf·k) peaks at m = -τ·Δf·M.
+    peak = np.argmax(power, axis=-1)
+    m = np.where(peak > n_fft // 2, peak - n_fft, peak)
+    coarse = -m / (n_fft * df)
+    fc = freqs - freqs.mean()
+    tau = coarse.copy()
+    for _ in range(2):
+        rot = unit * np.exp(-2j * np.pi * tau[:, None] * fc[None, :])
+        offset = np.angle(np.sum(w * rot, axis=-1))
+        phase = np.angle(rot * np.exp(-1j * offset)[:, None])
+        wsum = w.sum(axis=-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fbar = (w * fc).sum(axis=-1) / wsum
+            x = fc[None, :] - fbar[:, None]
+            slope = (w * x * phase).sum(axis=-1) / (w * x * x).sum(axis=-1)
+        tau = tau + slope / (2 * np.pi)
+    rot = unit * np.exp(-2j * np.pi * tau[:, None] * fc[None, :])
+    offset = np.angle(np.sum(w * rot, axis=-1))
+    resid = np.angle(rot * np.exp(-1j * offset)[:, None])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        phase_rms = np.sqrt((w * resid**2).sum(axis=-1) / w.sum(axis=-1))
+    valid = w.sum(axis=-1) > 0
+    delay = np.where(valid, tau, np.nan)
+    phase_rms = np.where(valid, phase_rms, np.nan)
+    return delay, phase_rms
+
+
+class DelaySolution(NamedTuple):
+    """Output of :func:`k_solve`.
+
+    Attributes
+    ----------
+    delay : ndarray, float32, shape (n_pols, n_ants)
+        Delays in seconds, gain convention exp(+2πi·K·f), refant = 0; NaN where unsolvable.
+    snr : ndarray, float32, shape (n_pols, n_ants)
+        1 / RMS residual phase of the per-channel solutions about the fitted slope.
+    ref_ant : int
+        Reference antenna actually used.
+    """
+
+    delay: np.ndarray
+    snr: np.ndarray
+    ref_ant: int
+
+
+def _antenna_weights(weights: np.ndarray, bls: np.ndarray, n_ants: int) -> np.ndarray:
+    """Sum of valid cross-correlation weights touching each antenna: (..., n_bl) → (..., n_ants)."""
+    cross = bls[:, 0] != bls[:, 1]
+    inc = np.zeros((len(bls), n_ants))
+    idx = np.arange(len(bls))
+    inc[idx[cross], bls[cross, 0]] = 1
+    inc[idx[cross], bls[cross, 1]] = 1
+    return weights @ inc
+
+
+def _usable_refant(ref_ant: int, ant_w: np.ndarray) -> int:
+    """`ref_ant` if it has data in ant_w (..., n_ants), else the antenna with the most weight."""
+    total = ant_w.reshape(-1, ant_w.shape[-1]).sum(axis=0)
+    if 0 <= ref_ant < total.size and total[ref_ant] > 0:
+        return ref_ant
+    return int(np.argmax(total)) if total.max() > 0 else -1
+
+
+def k_solve(
+    vis: np.ndarray,
+    bls: np.ndarray,
+    n_ants: int,
+    freqs: np.ndarray,
+    weights: np.ndarray | None = None,
+    ref_ant: int = 0,
+    max_iters: int = 100,
+) -> DelaySolution:
+    """Solve for per-antenna delays (K) from time-averaged visibilities.
+
+    Per channel, StEFCal (all baselines at once) gives each antenna's gain referenced to the
+    refant; the delay of each antenna is then found by an FFT search over the full band of its
+    gain spectrum followed by a weighted phase-slope fit. Using all baselines per channel before
+    the FFT keeps the coarse search reliable down to SNR ≈ 1 per visibility per channel, where
+    a per-baseline FFT plus phase unwrapping (katsdpcal's ``k_fit``) breaks down.
+
+    Parameters
+    ----------
+    vis : ndarray, complex, shape (n_chans, n_pols, n_bl)
+        Time-averaged parallel-hand visibilities of the K window, divided by the model.
+    bls : ndarray, int, shape (n_bl, 2)
+    n_ants : int
+    freqs : ndarray, float, shape (n_chans,)
+        Channel frequencies in Hz, uniformly spaced.
+    weights : ndarray, optional
+        Inverse-variance weights, broadcastable to `vis`.
+    ref_ant : int
+        Reference antenna (reselected if it has no valid data).
+
+    Returns
+    -------
+    DelaySolution
+    """
+    vis = np.asarray(vis)
+    if vis.ndim != 3:
+        raise ValueError(f"vis must be (n_chans, n_pols, n_bl), not {vis.shape}")
+    bls = _check_bls(bls, n_ants)
+    freqs = np.asarray(freqs, np.float64)
+    if freqs.shape != (vis.shape[0],):
+        raise ValueError(f"freqs shape {freqs.shape} does not match {vis.shape[0]} channels")
+    w = valid_weights(vis, weights)
+    ant_w = _antenna_weights(w, bls, n_ants)  # (n_chans, n_pols, n_ants)
+    ref = _usable_refant(ref_ant, ant_w)
+    n_pols = vis.shape[1]
+    delay = np.full((n_pols, n_ants), np.nan, np.float32)
+    snr = np.full((n_pols, n_ants), np.nan, np.float32)
+    if ref < 0:
+        return DelaySolution(delay, snr, ref)
+    res = stefcal(vis, bls, n_ants, w, ref_ant=ref, max_iters=max_iters)
+    # Channels whose solve had to use another refant are on a different phase reference.
+    chan_ok = res.ref_ant == ref  # (n_chans, n_pols)
+    gains = np.where(chan_ok[..., None], res.gains, np.nan)
+    spectra = np.moveaxis(gains, 0, -1).reshape(n_pols * n_ants, -1)
+    # The variance of a gain is ~1/Σ w|g|², so the antenna weight is its inverse-variance weight.
+    sw = np.moveaxis(np.where(chan_ok[..., None], ant_w, 0.0), 0, -1).reshape(n_pols * n_ants, -1)
+    tau, rms = _fit_delays(spectra, sw, freqs)
+    tau = tau.reshape(n_pols, n_ants)
+    rms = rms.reshape(n_pols, n_ants)
+    tau -= tau[:, ref : ref + 1]
+    tau[:, ref] = np.where(np.isfinite(tau[:, ref]), 0.0, np.nan)
+    with np.errstate(divide="ignore"):
+        snr_v = np.where(rms > 0, 1.0 / rms, np.inf)
+    snr_v[:, ref] = np.nan
+    return DelaySolution(tau.astype(np.float32), snr_v.astype(np.float32), ref)
+
+
+def kcross_solve(
+    vis_vh: np.ndarray,
+    vis_hv: np.ndarray,
+    freqs: np.ndarray,
+    weights_vh: np.ndarray | None = None,
+    weights_hv: np.ndarray | None = None,
+) -> np.ndarray:
+    """Solve the cross-hand delay (KCROSS) from K/B/G-corrected cross-hand visibilities.
+
+    As katsdpcal: ``vh + conj(hv)`` averaged over time (done by the caller) and over all
+    baselines, then one delay for the whole array.
+
+    Parameters
+    ----------
+    vis_vh, vis_hv : ndarray, complex, shape (n_chans, n_bl)
+        Cross-hand visibilities, ordered as in ``cal_pol_ordering`` (first pol is 'v').
+    freqs : ndarray, float, shape (n_chans,)
+    weights_vh, weights_hv : ndarray, optional
+
+    Returns
+    -------
+    ndarray, float32, shape (2, 1)
+        Row 0: delay (s) of the first pol relative to the second, ``vh ∝ exp(+2πi·K·f)``;
+        row 1: 0. NaN if there was no valid data.
+    """
+    vis_vh = np.asarray(vis_vh)
+    vis_hv = np.asarray(vis_hv)
+    if vis_vh.shape != vis_hv.shape or vis_vh.ndim != 2:
+        raise ValueError("vis_vh and vis_hv must both be (n_chans, n_bl)")
+    w_vh = valid_weights(vis_vh, weights_vh)
+    w_hv = valid_weights(vis_hv, weights_hv)
+    both = np.concatenate([vis_vh, np.conj(vis_hv)], axis=1)
+    spec, wsum = weighted_average(both, np.concatenate([w_vh, w_hv], axis=1), axis=1)
+    tau, _ = _fit_delays(spec[None, :], wsum[None, :], freqs)
+    return np.array([[tau[0]], [0.0]], np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Bandpass and gain
+
+
+def b_solve(
+    vis: np.ndarray,
+    bls: np.ndarray,
+    n_ants: int,
+    weights: np.ndarray | None = None,
+    ref_ant: int = 0,
+    max_iters: int = 100,
+) -> np.ndarray:
+    """Solve the bandpass (B): one StEFCal per channel and pol on time-averaged visibilities.
+
+    Parameters
+    ----------
+    vis : ndarray, complex, shape (n_chans, n_pols, n_bl)
+        Time-averaged parallel-hand visibilities (K applied, model divided out).
+    bls, n_ants, weights, ref_ant, max_iters
+        As for :func:`stefcal`.
+
+    Returns
+    -------
+    ndarray, complex64, shape (n_chans, n_pols, n_ants)
+        NaN where a channel has no data or could not be referenced to `ref_ant`.
+    """
+    vis = np.asarray(vis)
+    if vis.ndim != 3:
+        raise ValueError(f"vis must be (n_chans, n_pols, n_bl), not {vis.shape}")
+    bls = _check_bls(bls, n_ants)
+    w = valid_weights(vis, weights)
+    ref = _usable_refant(ref_ant, _antenna_weights(w, bls, n_ants))
+    res = stefcal(vis, bls, n_ants, w, ref_ant=ref, max_iters=max_iters)
+    return np.where((res.ref_ant == ref)[..., None], res.gains, np.nan).astype(np.complex64)
+
+
+def normalise_bandpass(bandpass: np.ndarray, bchan: int = 0, echan: int | None = None
+                       ) -> np.ndarray:
+    """Scale B so that, in channels [bchan, echan), each (pol, ant) has mean amplitude 1 and
+    mean phase 0 (NaN channels ignored), as katsdpcal does in the G window.
+
+    Returns a new complex64 array of the same shape (n_chans, n_pols, n_ants).
+    """
+    b = np.asarray(bandpass)
+    win = b[bchan:echan]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        amp = np.nanmean(np.abs(win), axis=0)
+        phasor = np.nansum(np.where(np.isfinite(win), win / np.abs(win), 0), axis=0)
+        norm = np.exp(-1j * np.angle(phasor)) / amp
+    return (b * norm[None]).astype(np.complex64)
+
+
+def solint_from_nominal(solint: float, dump_period: float, n_dumps: int) -> tuple[float, int]:
+    """Adjust a nominal solution interval by up to ±20% so the last interval is as full as
+    possible.
+
+    Returns
+    -------
+    solint : float
+        The adjusted interval in seconds.
+    dumps_per_solint : int
+        At least 1 and at most `n_dumps`.
+    """
+    if dump_period <= 0 or n_dumps < 1:
+        raise ValueError("dump_period must be positive and n_dumps at least 1")
+    nominal = solint / dump_period
+    if nominal <= 1:
+        return dump_period, 1
+    if nominal >= n_dumps:
+        return n_dumps * dump_period, n_dumps
+    lo = max(1, int(np.floor(0.8 * nominal)))
+    hi = min(n_dumps, int(np.ceil(1.2 * nominal)))
+    best = None
+    for n in range(lo, hi + 1):
+        rem = n_dumps % n
+        fill = 1.0 if rem == 0 else rem / n
+        key = (-fill, abs(n - nominal), -n)  # ties: the longer interval (more signal)
+        if best is None or key < best[0]:
+            best = (key, n)
+    n = best[1]
+    return n * dump_period, n
+
+
+class GainSolution(NamedTuple):
+    """Output of :func:`g_solve`.
+
+    Attributes
+    ----------
+    gains : ndarray, complex64, shape (n_intervals, n_pols, n_ants)
+    times : ndarray, float64, shape (n_intervals,)
+        Mean timestamp of each interval (interval index if no timestamps were given).
+    iterations : ndarray, int32, shape (n_intervals, n_pols)
+    converged : ndarray, bool, shape (n_intervals, n_pols)
+    """
+
+    gains: np.ndarray
+    times: np.ndarray
+    iterations: np.ndarray
+    converged: np.ndarray
+
+
+def g_solve(
+    vis: np.ndarray,
+    bls: np.ndarray,
+    n_ants: int,
+    dumps_per_solint: int,
+    weights: np.ndarray | None = None,
+    timestamps: np.ndarray | None = None,
+    ref_ant: int = 0,
+    max_iters: int = 30,
+    conv_thresh: float = 1e-5,
+) -> GainSolution:
+    """Solve a gain (G) per solution interval: average dumps of each interval and all channels
+    given (the G window), then one StEFCal per (interval, pol).
+
+    Parameters
+    ----------
+    vis : ndarray, complex, shape (n_dumps, n_chans, n_pols, n_bl)
+        Corrected (K, B applied) parallel-hand visibilities of the G window.
+    bls, n_ants : as for :func:`stefcal`
+    dumps_per_solint : int
+        Dumps per interval (see :func:`solint_from_nominal`); the last interval may be shorter.
+    weights : ndarray, optional
+        Inverse-variance weights broadcastable to `vis`.
+    timestamps : ndarray, float, shape (n_dumps,), optional
+    ref_ant, max_iters, conv_thresh : as for :func:`stefcal`
+
+    Returns
+    -------
+    GainSolution
+    """
+    vis = np.asarray(vis)
+    if vis.ndim != 4:
+        raise ValueError(f"vis must be (n_dumps, n_chans, n_pols, n_bl), not {vis.shape}")
+    if dumps_per_solint < 1:
+        raise ValueError("dumps_per_solint must be at least 1")
+    bls = _check_bls(bls, n_ants)
+    n_dumps = vis.shape[0]
+    w = valid_weights(vis, weights)
+    starts = np.arange(0, n_dumps, dumps_per_solint)
+    avg = []
+    wsum = []
+    for s in starts:
+        a, ws = weighted_average(vis[s : s + dumps_per_solint], w[s : s + dumps_per_solint],
+                                 axis=(0, 1))
+        avg.append(a)
+        wsum.append(ws)
+    avg = np.array(avg)
+    wsum = np.array(wsum)
+    if timestamps is None:
+        timestamps = np.arange(n_dumps, dtype=np.float64)
+    timestamps = np.asarray(timestamps, np.float64)
+    times = np.array([timestamps[s : s + dumps_per_solint].mean() for s in starts])
+    # Scale weights to O(1): only their ratios matter, and float32 sums stay accurate.
+    scale = wsum[wsum > 0].mean() if np.any(wsum > 0) else 1.0
+    dtype = np.complex64 if vis.dtype == np.complex64 else np.complex128
+    res = stefcal(np.where(wsum > 0, avg, 0).astype(dtype), bls, n_ants, wsum / scale,
+                  ref_ant=ref_ant, max_iters=max_iters, conv_thresh=conv_thresh)
+    return GainSolution(res.gains.astype(np.complex64), times, res.iterations, res.converged)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference antenna
+
+
+def antenna_flag_fraction(weights: np.ndarray, bls: np.ndarray, n_ants: int) -> np.ndarray:
+    """Fraction of each antenna's cross-correlation samples that are flagged (weight 0).
+
+    `weights` has baselines on the last axis (use :func:`valid_weights` to fold in flags/NaNs).
+    Antennas without any baseline get 1.
+    """
+    bls = _check_bls(bls, n_ants)
+    w = np.asarray(weights).reshape(-1, len(bls))
+    good = _antenna_weights((w > 0).astype(np.float64), bls, n_ants).sum(axis=0)
+    total = _antenna_weights(np.ones_like(w, np.float64), bls, n_ants).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, 1.0 - good / np.where(total > 0, total, 1), 1.0)
+
+
+def refant_pnr(vis: np.ndarray, bls: np.ndarray, n_ants: int,
+               weights: np.ndarray | None = None) -> np.ndarray:
+    """Median delay-spectrum peak-to-noise ratio of each antenna's baselines.
+
+    For each (pol, baseline) the FFT over frequency of the time-averaged visibility is taken;
+    PNR = (peak - mean)/std, with mean and std over the half of the delay spectrum farthest
+    from the peak. Each antenna gets the median over its baselines and pols.
+
+    Parameters
+    ----------
+    vis : ndarray, complex, shape (n_chans, n_pols, n_bl)
+    weights : ndarray, optional
+
+    Returns
+    -------
+    ndarray, float64, shape (n_ants,)
+        NaN for antennas without valid data.
+    """
+    vis = np.asarray(vis)
+    bls = _check_bls(bls, n_ants)
+    w = valid_weights(vis, weights)
+    n_chans = vis.shape[0]
+    spec = np.abs(np.fft.fft(np.where(w > 0, vis, 0), axis=0))  # (n_chans, n_pols, n_bl)
+    peak_idx = np.argmax(spec, axis=0)
+    rolled = np.take_along_axis(
+        spec, (np.arange(n_chans)[:, None, None] + peak_idx[None]) % n_chans, axis=0)
+    far = rolled[n_chans // 4 : n_chans - n_chans // 4]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pnr = (rolled[0] - far.mean(axis=0)) / far.std(axis=0)
+    has_data = (w > 0).any(axis=0)
+    pnr = np.where(has_data & np.isfinite(pnr), pnr, np.nan)
+    out = np.full(n_ants, np.nan)
+    for ant in range(n_ants):
+        sel = ((bls[:, 0] == ant) | (bls[:, 1] == ant)) & (bls[:, 0] != bls[:, 1])
+        vals = pnr[:, sel]
+        if np.isfinite(vals).any():
+            out[ant] = np.nanmedian(vals)
+    return out
+
+
+def _refant_candidates(vis, bls, n_ants, weights, max_flag_fraction):
+    """PNR per antenna and the mask of antennas fit to be the refant (enough data, PNR not a
+    low outlier: at least median - 1.4826·MAD)."""
+    pnr = refant_pnr(vis, bls, n_ants, weights)
+    frac = antenna_flag_fraction(valid_weights(vis, weights), bls, n_ants)
+    ok = np.isfinite(pnr) & (frac < max_flag_fraction)
+    if not ok.any():
+        return pnr, ok
+    med = np.median(pnr[ok])
+    mad = np.median(np.abs(pnr[ok] - med))
+    return pnr, ok & (pnr >= med - 1.4826 * mad)
+
+
+def best_refant(
+    vis: np.ndarray,
+    bls: np.ndarray,
+    n_ants: int,
+    weights: np.ndarray | None = None,
+    exclude: tuple[int, ...] | list[int] = (),
+    max_flag_fraction: float = 0.8,
+    prefer: str = "pnr",
+) -> int:
+    """Choose a reference antenna from time-averaged calibrator visibilities.
+
+    Candidates are antennas with a flag fraction below `max_flag_fraction` whose median PNR
+    (:func:`refant_pnr`) is at least ``median - 1.4826·MAD`` over the antennas with data. Among
+    those, ``prefer="pnr"`` takes the highest PNR; ``prefer="index"`` reproduces katsdpcal, which
+    takes the highest antenna index (it promotes outer antennas).
+
+    Parameters
+    ----------
+    vis : ndarray, complex, shape (n_chans, n_pols, n_bl)
+        Time-averaged parallel-hand visibilities (the K window).
+    bls, n_ants, weights : as for :func:`stefcal`
+    exclude : sequence of int
+        Antennas not to choose.
+    max_flag_fraction : float
+    prefer : {"pnr", "index"}
+
+    Returns
+    -------
+    int
+        Antenna index, or -1 if no antenna qualifies.
+    """
+    if prefer not in ("pnr", "index"):
+        raise ValueError(f"prefer must be 'pnr' or 'index', not {prefer!r}")
+    pnr, cand = _refant_candidates(vis, bls, n_ants, weights, max_flag_fraction)
+    cand[list(exclude)] = False
+    idx = np.flatnonzero(cand)
+    if idx.size == 0:
+        return -1
+    if prefer == "index":
+        return int(idx.max())
+    return int(idx[np.argmax(pnr[idx])])
+
+
+def keep_or_choose_refant(
+    previous: int | None,
+    vis: np.ndarray,
+    bls: np.ndarray,
+    n_ants: int,
+    weights: np.ndarray | None = None,
+    max_flag_fraction: float = 0.8,
+    prefer: str = "pnr",
+) -> int:
+    """Refant for a new capture block: keep `previous` while it is still good, else choose anew.
+
+    The previous refant is kept when it passes the same test as :func:`best_refant`'s
+    candidates in this data (flag fraction below `max_flag_fraction`, PNR not a low outlier).
+    Otherwise a new one is chosen with `previous` excluded.
+
+    Returns
+    -------
+    int
+        Antenna index, or -1 if no antenna qualifies.
+    """
+    if previous is None or not 0 <= previous < n_ants:
+        return best_refant(vis, bls, n_ants, weights, max_flag_fraction=max_flag_fraction,
+                           prefer=prefer)
+    _, cand = _refant_candidates(vis, bls, n_ants, weights, max_flag_fraction)
+    if cand[previous]:
+        return int(previous)
+    return best_refant(vis, bls, n_ants, weights, exclude=(previous,),
+                       max_flag_fraction=max_flag_fraction, prefer=prefer)
