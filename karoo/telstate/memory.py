@@ -237,7 +237,7 @@ class MemoryBackend:
             if key_type == KeyType.IMMUTABLE:
                 staged[key] = bytes(content)
             elif key_type == KeyType.MUTABLE:
-                staged[key] = sorted(set(content))
+                staged[key] = sorted(content)  # zset members are unique by construction
             else:
                 staged[key] = dict(content)
         with self._lock:

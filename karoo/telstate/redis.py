@@ -83,12 +83,15 @@ return redis.call('GET', KEYS[1])
 """,
     # KEYS[i] gets sample ARGV[i]. Types are checked first so that nothing is added on error.
     "add_mutable": _TYPE_CHECK + """
-local checked = {}
-for _, key in ipairs(KEYS) do
-    if not checked[key] then
-        local t = check_type(key, 'zset')
-        if type(t) == 'table' then return t end
-        checked[key] = true
+-- One key needs no check: ZADD itself fails on a wrong type before writing anything.
+if #KEYS > 1 then
+    local checked = {}
+    for _, key in ipairs(KEYS) do
+        if not checked[key] then
+            local t = check_type(key, 'zset')
+            if type(t) == 'table' then return t end
+            checked[key] = true
+        end
     end
 end
 for i, key in ipairs(KEYS) do
@@ -247,22 +250,31 @@ class _Operations:
         return True, (reply[1] if len(reply) > 1 else None)
 
     def _get_range(self, keys, start: bytes, end: bytes, include_previous: bool) -> Op:
-        # A transaction rather than a script: building a large Lua table of samples costs the
-        # server three times what ZRANGEBYLEX does.
-        requests = [Call("TYPE", key) for key in keys]
-        for key in keys:
-            if include_previous:
-                requests.append(Call("ZREVRANGEBYLEX", key, start, "-", "LIMIT", 0, 1))
-            requests.append(Call("ZRANGEBYLEX", key, start, end))
-        replies = yield Batch(requests, transaction=True, raise_on_error=False)
+        ranges = [Call("ZRANGEBYLEX", key, start, end) for key in keys]
+        if include_previous:
+            previous = [Call("ZREVRANGEBYLEX", key, start, "-", "LIMIT", 0, 1) for key in keys]
+            ranges = previous + ranges
+        if len(keys) == 1:
+            # The common case, in one round trip without a transaction: ZRANGEBYLEX fails by
+            # itself on a key of the wrong type, and only an empty answer needs a second look.
+            replies = yield Batch(ranges) if include_previous else ranges[0]
+            samples = [s for r in replies for s in r] if include_previous else replies
+            if samples or (yield Call("EXISTS", keys[0])):
+                return samples
+            return None
+        # Several prefixes: the first key that exists wins, whatever its type. A transaction
+        # rather than a script: building a large Lua table of samples costs the server three
+        # times what ZRANGEBYLEX does.
+        replies = yield Batch([Call("TYPE", key) for key in keys] + ranges, transaction=True,
+                              raise_on_error=False)
         per_key = 2 if include_previous else 1
         for i, (key, redis_type) in enumerate(zip(keys, replies, strict=False)):
             if redis_type in (b"none", "none"):
                 continue
             if redis_type not in (b"zset", "zset"):
                 raise errors.ImmutableKeyError(f"key {key!r} is a {redis_type!r}, not a sensor")
-            ranges = replies[len(keys) + i * per_key : len(keys) + (i + 1) * per_key]
-            return [sample for samples in ranges for sample in samples]
+            found = [replies[len(keys) + j * len(keys) + i] for j in range(per_key)]
+            return [sample for samples in found for sample in samples]
         return None
 
     def _set_immutable(self, key: bytes, value: bytes) -> Op:
