@@ -100,7 +100,7 @@ class ChunkStoreError(Exception):
 
 
 class StoreUnavailable(ChunkStoreError, OSError):
-    """The store did not answer properly, even after retries (a server error, not a missing chunk)."""
+    """The store failed, even after retries: a server error, not a missing chunk."""
 
 
 class BadChunk(ChunkStoreError, ValueError):
@@ -588,7 +588,7 @@ class StreamStore:
     async def _grow(self, n_dumps: int) -> None:
         """Extend the time axis of every array to whole rows (of shards) covering `n_dumps`."""
         async with self._grow_lock:
-            for name, arr in self.arrays.items():
+            for arr in self.arrays.values():
                 if arr.shape[0] >= n_dumps:
                     continue
                 row = (arr.shards or arr.chunks)[0]
@@ -651,7 +651,7 @@ class StreamStore:
         return await self._array(array).getitem(slices)
 
     async def has_chunk(self, array: str, chunk_index: tuple[int, ...]) -> bool:
-        """Whether a chunk was written (for unsharded arrays; with shards, whether its shard was)."""
+        """Whether a chunk (with shards: its shard) was written."""
         arr = self._array(array)
         index = tuple(int(i) for i in chunk_index)
         if arr.shards is not None:
