@@ -19,6 +19,7 @@ an S3 outage. See ``docs/s3-server.md`` for the recipe and the reasons for this 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -98,6 +99,16 @@ rgw frontends = beast endpoint={host}:{port}
 rgw gc obj min wait = 60
 rgw gc processor period = 60
 """
+
+
+def _die_with_parent() -> None:
+    """Have the kernel kill a daemon if whoever started it dies without stopping it.
+
+    Linux's PR_SET_PDEATHSIG fires when the *thread* that started the child ends, so start the
+    daemons from a long-lived thread (the main thread), not from a short-lived worker.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 class S3ServerError(RuntimeError):
@@ -289,6 +300,7 @@ class S3Server:
         self._procs[name] = subprocess.Popen(
             [prog, "-c", str(self._conf), "-f", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
 
     def _running(self, name: str) -> bool:

@@ -266,11 +266,15 @@ class RetryPolicy:
 
     Attempt ``n`` (from 1) that fails waits ``min(backoff * 2**(n-1), max_backoff)`` seconds
     before the next; after ``retries`` retries the error is raised as :class:`StoreUnavailable`.
+    An attempt that takes longer than ``timeout`` seconds is abandoned and counts as failed (an
+    S3 server can accept a request and never answer; the client's socket timeouts do not
+    catch every such case).
     """
 
     retries: int = 5
     backoff: float = 0.5
     max_backoff: float = 30.0
+    timeout: float | None = 120.0
 
     def delays(self) -> Iterable[float]:
         for n in range(self.retries):
@@ -294,18 +298,17 @@ class RetryingStore(WrapperStore):
         while True:
             attempt += 1
             try:
-                return await func(*args)
+                return await asyncio.wait_for(func(*args), self.policy.timeout)
             except _PERMANENT:
                 raise
             except self._transient as exc:
+                reason = f"{type(exc).__name__}: {exc or 'no answer in time'}"
                 delay = next(delays, None)
                 if delay is None:
                     raise StoreUnavailable(
-                        f"{what} {key!r} failed after {attempt} attempts: "
-                        f"{type(exc).__name__}: {exc}"
+                        f"{what} {key!r} failed after {attempt} attempts: {reason}"
                     ) from exc
-                logger.warning("%s %r failed (%s: %s), retrying in %.1f s",
-                               what, key, type(exc).__name__, exc, delay)
+                logger.warning("%s %r failed (%s), retrying in %.1f s", what, key, reason, delay)
                 await asyncio.sleep(delay)
 
     async def get(self, key: str, prototype: BufferPrototype,
@@ -345,7 +348,8 @@ class ChunkStore:
     retries, backoff, max_backoff
         Retry policy for failed requests (see :class:`RetryPolicy`).
     timeout
-        Seconds to wait for an S3 connection and for each read.
+        Seconds to wait for an S3 connection and for each read, and (times two)
+        for a whole request.
     storage_options
         Further keyword arguments for :class:`s3fs.S3FileSystem`.
     read_only
@@ -368,7 +372,7 @@ class ChunkStore:
     ) -> None:
         url = os.fspath(url)
         self.url = url
-        self.policy = RetryPolicy(retries, backoff, max_backoff)
+        self.policy = RetryPolicy(retries, backoff, max_backoff, 2 * timeout)
         self.read_only = read_only
         self.is_s3 = url.startswith("s3://")
         if self.is_s3:
