@@ -24,11 +24,13 @@ smaller). With ``shard_chunks`` the chunks are grouped into Zarr shards (one obj
 for observations that would otherwise create millions of objects.
 
 The time axis grows as dumps arrive: :meth:`StreamStore.write_chunk` extends the arrays' shape
-to whole rows of chunks (or shards) before writing beyond the end, and :meth:`StreamStore.finish`
-sets the exact number of dumps at the end of the capture. A reader of a live capture therefore
-sees whole rows, with chunks still in flight reading as their fill value. Growing costs one
-metadata write per array per row of chunks, and keeps the recorded shape honest, where a
-generous pre-set shape would leave readers guessing where the data ends.
+before writing beyond the end (to whole rows of chunks or shards, at least doubling the extent, so
+a capture costs only a logarithmic number of metadata writes), and :meth:`StreamStore.finish`
+sets the exact number of dumps at the end of the capture. During a capture the shape is thus an
+upper bound, with chunks not yet written reading as their fill value; after ``finish`` it is
+exact. This was preferred to a generous pre-set shape, which would leave a reader of a finished
+store guessing where the data ends, and to growing by one row at a time (one metadata write per
+array per row).
 
 Compression was chosen by measuring numcodecs on realistic 17 MB chunks (4 x 256 x 4160) on the
 2-core development machine (ratio, encode / decode MB/s on one core):
@@ -590,13 +592,16 @@ class StreamStore:
         return tuple(slices)
 
     async def _grow(self, n_dumps: int) -> None:
-        """Extend the time axis of every array to whole rows (of shards) covering `n_dumps`."""
+        """Extend the time axis of every array to cover `n_dumps`, at least doubling it.
+
+        Doubling keeps the metadata writes down to a logarithmic number; :meth:`finish` trims.
+        """
         async with self._grow_lock:
             for arr in self.arrays.values():
                 if arr.shape[0] >= n_dumps:
                     continue
                 row = (arr.shards or arr.chunks)[0]
-                new = -(-n_dumps // row) * row
+                new = -(-max(n_dumps, 2 * arr.shape[0]) // row) * row
                 await arr.resize((new, *arr.shape[1:]), delete_outside_chunks=False)
 
     async def write_chunk(self, array: str, chunk_index: tuple[int, ...],
