@@ -30,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from karoo.chunkstore import ChunkStore  # noqa: E402
-from karoo.chunkstore.s3server import S3Server, ceph_available  # noqa: E402
+from karoo.chunkstore import ChunkStore
+from karoo.chunkstore.s3server import S3Server, ceph_available
 
 CHUNK_SHAPE = (1, 256, 7680)
 
