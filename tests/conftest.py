@@ -19,3 +19,17 @@ def redis_url(redis_server):
     client.flushall()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One real S3 server (Ceph RADOS Gateway, see docs/s3-server.md) for the whole session.
+
+    Skipped, with the reason, where Ceph is not installed (``scripts/test`` installs it as root).
+    """
+    from karoo.chunkstore.s3server import S3Server, ceph_available
+
+    if not ceph_available():
+        pytest.skip("Ceph RGW not installed: apt-get install ceph-mon ceph-osd radosgw ceph-common")
+    with S3Server() as server:
+        yield server
