@@ -35,7 +35,7 @@ import numpy as np
 from numba import njit, prange
 
 #: L0 flag bit set by the cal RFI flagger.
-CAL_RFI = np.uint8(64)
+from ..flags import CAL_RFI
 
 
 @njit(nogil=True, cache=True)

@@ -88,9 +88,11 @@ from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, WrapperStore
 
+from .. import flags
+
 logger = logging.getLogger(__name__)
 
-DATA_LOST = 8
+DATA_LOST = int(flags.DATA_LOST)
 """Flag bit for data that never arrived (katdal's ``data_lost``)."""
 
 DEFAULT_MAX_CHUNK_BYTES = 20_000_000

@@ -30,13 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 # Flag bits (katdal.flags).
-STATIC = np.uint8(2)
-CAM = np.uint8(4)
-DATA_LOST = np.uint8(8)
-INGEST_RFI = np.uint8(16)
-PREDICTED_RFI = np.uint8(32)
-CAL_RFI = np.uint8(64)
-POSTPROC = np.uint8(128)
+from ..flags import CAL_RFI, CAM, DATA_LOST, INGEST_RFI, POSTPROC, PREDICTED_RFI, STATIC
 
 #: Scale factor from median absolute deviation to standard deviation for Gaussian noise.
 MAD_NORMAL = 1.4826

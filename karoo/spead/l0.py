@@ -34,6 +34,7 @@ import spead2.recv.asyncio
 import spead2.send
 import spead2.send.asyncio
 
+from .. import flags
 from .transport import Endpoint, TransportSpec, add_readers, make_send_stream, parse_transport
 
 __all__ = [
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 L0_FLAVOUR = spead2.Flavour(4, 64, 48, 0)
 FREQUENCY_ID = 0x4103
 #: katdal's flag bit for data that never arrived.
-DATA_LOST = 8
+DATA_LOST = int(flags.DATA_LOST)
 #: Item names in descriptor order.
 L0_ITEMS = (
     "correlator_data", "flags", "weights", "weights_channel", "timestamp", "dump_index",
