@@ -24,6 +24,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+
+from common import report
 
 from karoo.cal.flagger import SumThresholdFlagger
 from karoo.cal.solvers import stefcal
@@ -37,12 +40,6 @@ from tests.cal.simulate import (
 )
 
 ANCHOR_US_PER_SOLVE = 95.0  # katsdpcalproc stefcal, 4096 x 64-antenna solves, one core
-
-
-def line(metric, karoo, anchor_name, anchor, unit, reps):
-    ratio = karoo / anchor if anchor else float("nan")
-    print(f"{metric}: karoo {karoo:.4g} {unit} | {anchor_name} {anchor:.4g} {unit} | "
-          f"ratio {ratio:.3g} (median of {reps})", flush=True)
 
 
 def timed(fn, reps):
@@ -91,8 +88,8 @@ def bench_stefcal(quick):
     wall_k, cpu_k = timed(lambda: stefcal(vis, bls, n_ants), reps)
     n_np = n_solves // 8
     wall_n, _ = timed(lambda: numpy_stefcal(vis[:n_np], bls, n_ants), max(1, reps - 2))
-    line("stefcal_64ant_solves", n_solves / wall_k, "numpy", n_np / wall_n, "solves/s", reps)
-    line("stefcal_64ant_solves_per_core", n_solves / cpu_k, "katsdpcalproc(published 95us)",
+    report("stefcal_64ant_solves", n_solves / wall_k, "numpy", n_np / wall_n, "solves/s", reps)
+    report("stefcal_64ant_solves_per_core", n_solves / cpu_k, "katsdpcalproc(published 95us)",
          1e6 / ANCHOR_US_PER_SOLVE, "solves/cpu-s", reps)
 
 
@@ -194,15 +191,15 @@ def bench_flagger(quick):
         wall_a, cpu_a = timed(lambda: anchor.get_flags(vis, zeros, pool=pool), reps)
         flags_a = anchor.get_flags(vis, zeros, pool=pool)
     flags_k = ours.get_flags(vis)
-    line("sumthreshold_throughput", mvis / wall_k, "katsdpsigproc", mvis / wall_a, "Mvis/s",
+    report("sumthreshold_throughput", mvis / wall_k, "katsdpsigproc", mvis / wall_a, "Mvis/s",
          reps)
-    line("sumthreshold_throughput_per_core", mvis / cpu_k, "katsdpsigproc", mvis / cpu_a,
+    report("sumthreshold_throughput_per_core", mvis / cpu_k, "katsdpsigproc", mvis / cpu_a,
          "Mvis/cpu-s", reps)
     sk, sa = score_flags(flags_k, blk.truth), score_flags(flags_a, blk.truth)
-    line("sumthreshold_recall_cross", sk.recall, "katsdpsigproc", sa.recall, "", 1)
-    line("sumthreshold_precision_tol1_cross", sk.precision_tol, "katsdpsigproc",
+    report("sumthreshold_recall_cross", sk.recall, "katsdpsigproc", sa.recall, "", 1)
+    report("sumthreshold_precision_tol1_cross", sk.precision_tol, "katsdpsigproc",
          sa.precision_tol, "", 1)
-    line("sumthreshold_fp_far_cross", sk.fp_far * 100, "katsdpsigproc", sa.fp_far * 100, "%", 1)
+    report("sumthreshold_fp_far_cross", sk.fp_far * 100, "katsdpsigproc", sa.fp_far * 100, "%", 1)
 
     ao = run_aoflagger(vis)
     if isinstance(ao, str):
@@ -210,10 +207,10 @@ def bench_flagger(quick):
         return
     flags_ao, wall_ao = ao
     so = score_flags(flags_ao, blk.truth)
-    line("sumthreshold_throughput_vs_aoflagger", mvis / wall_k, "aoflagger", mvis / wall_ao,
+    report("sumthreshold_throughput_vs_aoflagger", mvis / wall_k, "aoflagger", mvis / wall_ao,
          "Mvis/s", reps)
-    line("sumthreshold_recall_cross_vs_aoflagger", sk.recall, "aoflagger", so.recall, "", 1)
-    line("sumthreshold_precision_tol1_cross_vs_aoflagger", sk.precision_tol, "aoflagger",
+    report("sumthreshold_recall_cross_vs_aoflagger", sk.recall, "aoflagger", so.recall, "", 1)
+    report("sumthreshold_precision_tol1_cross_vs_aoflagger", sk.precision_tol, "aoflagger",
          so.precision_tol, "", 1)
 
 

@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+
+import common
 
 from karoo.chunkstore import ChunkStore
 from karoo.chunkstore.s3server import S3Server, ceph_available
@@ -154,8 +157,7 @@ def report(where: str, medians: dict, anchors: list[str], reps: int) -> None:
     for phase, k in (("write", 0), ("read", 1)):
         for anchor in anchors:
             ours, theirs = medians["karoo"][k], medians[anchor][k]
-            print(f"{where} {phase} 15.7 MB chunks: karoo {ours:.0f} MB/s | {anchor} "
-                  f"{theirs:.0f} MB/s | ratio {ours / theirs:.2f} (median of {reps})", flush=True)
+            common.report(f"{where} {phase} 15.7 MB chunks", ours, anchor, theirs, "MB/s", reps)
 
 
 def main() -> None:

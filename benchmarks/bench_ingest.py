@@ -18,6 +18,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/common.py
+
+from common import report
 
 from karoo.ingest import kernels as K
 
@@ -103,13 +106,11 @@ def main() -> None:
 
     karoo_rate = n_vis / t_chain
     anchor_rate = n_vis / t_anchor
-    print(f"ingest chain (convert+flag+average) vs anchor flagger: karoo {karoo_rate:.1f} Mvis/s "
-          f"| katsdpsigproc {anchor_rate:.1f} Mvis/s | ratio {karoo_rate / anchor_rate:.1f} "
-          f"(median of {reps}/{anchor_reps})")  # fmt: skip
+    report("ingest chain (convert+flag+average) vs anchor flagger", karoo_rate, "katsdpsigproc",
+           anchor_rate, "Mvis/s", f"{reps}/{anchor_reps}")
     flag_rate = n_vis / t_flag
-    print(f"rfi flagger alone: karoo {flag_rate:.1f} Mvis/s | katsdpsigproc "
-          f"{anchor_rate:.1f} Mvis/s | ratio {flag_rate / anchor_rate:.1f} "
-          f"(median of {reps}/{anchor_reps})")  # fmt: skip
+    report("rfi flagger alone", flag_rate, "katsdpsigproc", anchor_rate, "Mvis/s",
+           f"{reps}/{anchor_reps}")
     print(f"# karoo CPU chain {karoo_rate:.1f} Mvis/s = {karoo_rate / REAL_TIME_MVIS:.2f} x real "
           f"time ({REAL_TIME_MVIS:.0f} Mvis/s) on {os.cpu_count()} cores, "
           f"{'meets' if karoo_rate >= REAL_TIME_MVIS else 'misses'} the target")  # fmt: skip
@@ -143,9 +144,8 @@ def main() -> None:
 
     t_gpu = median_time(gpu_chain, max(reps, 10))
     gpu_rate = n_vis / t_gpu
-    print(f"ingest chain on GPU (incl. host-to-device copy) vs anchor flagger: karoo "
-          f"{gpu_rate:.1f} Mvis/s | katsdpsigproc {anchor_rate:.1f} Mvis/s | ratio "
-          f"{gpu_rate / anchor_rate:.1f} (median of {max(reps, 10)}/{anchor_reps})")  # fmt: skip
+    report("ingest chain on GPU (incl. host-to-device copy) vs anchor flagger", gpu_rate,
+           "katsdpsigproc", anchor_rate, "Mvis/s", f"{max(reps, 10)}/{anchor_reps}")
     print(f"# karoo GPU chain {gpu_rate:.0f} Mvis/s vs target 550 Mvis/s")
 
 

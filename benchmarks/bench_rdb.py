@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 
 import katsdptelstate
 import lzf
+from common import report
 from katsdptelstate import encode_value
 from katsdptelstate.rdb_writer import RDBWriter
 
@@ -67,11 +69,6 @@ def timed(func, repeats: int) -> float:
         func()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def report(metric: str, karoo: float, anchor_name: str, anchor: float, unit: str, n: int) -> None:
-    print(f"{metric}: karoo {karoo:.4g} {unit} | {anchor_name} {anchor:.4g} {unit} | "
-          f"ratio {karoo / anchor:.3g} (median of {n})")
 
 
 def main() -> None:

@@ -27,12 +27,13 @@ def median_time(func: Callable[[], object], reps: int, setup: Callable[[], objec
     return statistics.median(times)
 
 
-def report(metric: str, ours: float, anchor_name: str, theirs: float, unit: str, reps: int,
-           higher_is_better: bool = True) -> float:
+def report(metric: str, ours: float, anchor_name: str, theirs: float, unit: str,
+           reps: int | str) -> float:
     """Print one figure as ``<metric>: karoo X unit | anchor Y unit | ratio R (median of N)``.
 
     The ratio is always karoo/anchor of the printed values; for a time (lower is better) the
     caller should pass rates instead, so that a ratio above 1 always means karoo is faster.
+    `reps` may say "karoo/anchor" repetitions when they differ (e.g. "5/3").
     """
     ratio = ours / theirs if theirs else float("inf")
     print(
