@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
+
+from .service import apply_telstate_config, setup_logging
 
 # Each module adds its subcommands with ``add_commands(subparsers)``; a parsed command runs
 # ``args.func(args)`` and its return value is the exit status.
@@ -25,9 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = logging.WARNING - 10 * args.verbose
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    # Daemons take their defaults from telstate (config.<name>), as katsdpservices does.
+    args = apply_telstate_config(args, lambda: parser.parse_args(argv))
     return int(args.func(args) or 0)
 
 
