@@ -12,6 +12,7 @@ or, for slices written independently (e.g. one per dask worker)::
         write_ms(f"obs_{k}.ms", meta, vis, flags, weights, uvw, dumps=dumps)
 """
 
+from .export import ExportSource
 from .kernels import gather_rows
 from .layout import MJD_UNIX_OFFSET, MSInput, MSLayout, Scan, Target, itrf_from_enu
 from .slicing import concat_slices, iter_blocks, plan_slices, write_ms
@@ -21,6 +22,7 @@ from .writer import DumpBlock, MSWriter, append_dumps, create_ms, main_table_lay
 __all__ = [
     "MJD_UNIX_OFFSET",
     "DumpBlock",
+    "ExportSource",
     "MSInput",
     "MSLayout",
     "MSWriter",
