@@ -1,0 +1,144 @@
+"""Launch backends: how a product's telstate and daemons are started and stopped.
+
+`ProcessLauncher` (the default) runs telstate as a real ``redis-server`` and each daemon as its
+own local process, ``python -m karoo.cli <command> --telstate ... --name ... -p <port>``, with
+its output in ``<workdir>/logs/<task>.log``. The Kubernetes backend generates manifests instead
+(see `karoo.controller.kubernetes`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import karoo
+
+from ..telstate.server import RedisServer, free_port
+from .graph import Task
+
+logger = logging.getLogger(__name__)
+
+
+def karoo_command(python: str = sys.executable) -> list[str]:
+    """The command that runs ``karoo`` with this interpreter."""
+    return [python, "-m", "karoo.cli"]
+
+
+def karoo_env() -> dict[str, str]:
+    """Environment for child processes: this karoo importable even when not installed."""
+    env = dict(os.environ)
+    root = str(Path(karoo.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last `lines` lines of a log file, for error messages."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+class TaskProcess:
+    """A daemon running as a local process."""
+
+    def __init__(self, task: Task, proc: asyncio.subprocess.Process, host: str, port: int,
+                 command: list[str], log: Path) -> None:
+        self.task = task
+        self.proc = proc
+        self.host = host
+        self.port = port
+        self.command = command
+        self.log = log
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    async def wait(self) -> int:
+        """Wait for the process to end; returns its exit status (negative: killed by signal)."""
+        return await self.proc.wait()
+
+    def signal(self, signum: int) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signum)
+
+    async def stop(self, grace: float = 30.0) -> int:
+        """SIGTERM (a daemon then finishes its capture block), SIGKILL after `grace` seconds."""
+        self.signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.proc.wait()), grace)
+        except TimeoutError:
+            logger.warning("%s did not stop within %.0f s: killing it", self.task.name, grace)
+            self.signal(signal.SIGKILL)
+            return await self.proc.wait()
+
+    def details(self) -> dict:
+        """What goes into telstate's ``sdp_task_details`` for this task."""
+        return {"host": self.host, "port": self.port, "pid": self.pid,
+                "command": self.command, "log": str(self.log)}
+
+
+class ProcessLauncher:
+    """Runs a product on this machine: ``redis-server`` for telstate, a process per daemon.
+
+    Parameters
+    ----------
+    workdir
+        Directory for the telstate server's files and the tasks' logs.
+    host
+        Address the daemons' KATCP servers listen on.
+    command
+        What runs a daemon, before its subcommand; ``python -m karoo.cli`` by default.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, host: str = "127.0.0.1",
+                 command: list[str] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.host = host
+        self.command = command or karoo_command()
+        self._redis: RedisServer | None = None
+
+    async def start_telstate(self) -> str:
+        """Start the product's ``redis-server``; returns its ``host:port`` endpoint."""
+        directory = self.workdir / "telstate"
+        directory.mkdir(parents=True, exist_ok=True)
+        self._redis = await asyncio.to_thread(RedisServer, directory, host=self.host)
+        return self._redis.endpoint
+
+    async def stop_telstate(self) -> None:
+        if self._redis is not None:
+            redis, self._redis = self._redis, None
+            await asyncio.to_thread(redis.stop)
+
+    def telstate_alive(self) -> bool:
+        return self._redis is not None and self._redis._proc.poll() is None
+
+    async def launch(self, task: Task, telstate: str) -> TaskProcess:
+        """Start `task`'s daemon; it reads ``config.<task name>`` from `telstate`."""
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        port = free_port(self.host)
+        command = [*self.command, task.command, "--telstate", telstate,
+                   "--name", task.name, "-a", self.host, "-p", str(port)]
+        log = logs / f"{task.name}.log"
+        with open(log, "ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+                stderr=asyncio.subprocess.STDOUT, env=karoo_env(), cwd=self.workdir,
+                start_new_session=True,  # a ^C at the controller's terminal reaches only it
+            )
+        logger.info("started %s (pid %d): %s", task.name, proc.pid, " ".join(command))
+        return TaskProcess(task, proc, self.host, port, command, log)
