@@ -22,6 +22,7 @@ import contextlib
 import enum
 import json
 import logging
+import shlex
 import signal
 import time
 from collections.abc import Callable, Coroutine
@@ -644,13 +645,19 @@ def add_commands(subparsers) -> None:
                         help="working directory: telstate, logs, default chunk store")
     parser.add_argument("--ready-timeout", type=float, default=120.0,
                         help="seconds a task may take to become ready [%(default)s]")
+    parser.add_argument("--task-command", default="",
+                        help="command that runs a daemon, before its subcommand (a wrapper); "
+                             "default: this python -m karoo.cli")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     async def main() -> None:
+        launcher = ProcessLauncher(args.data_dir,
+                                   command=shlex.split(args.task_command) or None)
         server = ProductController(args.host, args.port, data_dir=args.data_dir,
-                                   ready_timeout=args.ready_timeout, halt_on_dead=True)
+                                   launcher=launcher, ready_timeout=args.ready_timeout,
+                                   halt_on_dead=True)
         from ..service import serve
 
         server.name = "product-controller"
