@@ -49,6 +49,8 @@ def log_tail(path: Path, lines: int = 15) -> str:
 class TaskProcess:
     """A daemon running as a local process."""
 
+    observable = True  # its exit is seen as it happens
+
     def __init__(self, task: Task, proc: asyncio.subprocess.Process, host: str, port: int,
                  command: list[str], log: Path) -> None:
         self.task = task
@@ -142,3 +144,63 @@ class ProcessLauncher:
             )
         logger.info("started %s (pid %d): %s", task.name, proc.pid, " ".join(command))
         return TaskProcess(task, proc, self.host, port, command, log)
+
+
+class AttachedTask:
+    """A daemon started by someone else (Kubernetes): known only by its KATCP address."""
+
+    observable = False  # no exit status: its death shows as a lost KATCP connection
+
+    def __init__(self, task: Task, host: str, port: int) -> None:
+        self.task = task
+        self.host = host
+        self.port = port
+        self.returncode: int | None = None
+        self.log = Path("/dev/null")
+        self._stopped = asyncio.Event()
+
+    async def wait(self) -> int:
+        await self._stopped.wait()
+        return 0
+
+    def signal(self, signum: int) -> None:
+        pass
+
+    async def stop(self, grace: float = 30.0) -> int:
+        """Forget the task (deleting its Pod is the operator's job: ``kubectl delete``)."""
+        self.returncode = 0
+        self._stopped.set()
+        return 0
+
+    def details(self) -> dict:
+        return {"host": self.host, "port": self.port}
+
+
+class AttachLauncher:
+    """Attaches to a product whose telstate and daemons already run (``tasks.json``).
+
+    The file (written by `karoo.controller.kubernetes.generate_manifests`) is
+    ``{"telstate": "host:port", "tasks": {"<task name>": "host:port", ...}}``.
+    """
+
+    def __init__(self, tasks_file: str | os.PathLike) -> None:
+        import json
+
+        with open(tasks_file) as f:
+            spec = json.load(f)
+        self.telstate = spec["telstate"]
+        self.tasks: dict[str, str] = spec["tasks"]
+
+    async def start_telstate(self) -> str:
+        return self.telstate
+
+    async def stop_telstate(self) -> None:
+        pass
+
+    async def launch(self, task: Task, telstate: str) -> AttachedTask:
+        if task.name not in self.tasks:
+            raise RuntimeError(f"{task.name} is not among the running tasks "
+                               f"({', '.join(sorted(self.tasks))}): configuration differs "
+                               "from the one the manifests were made from")
+        host, _, port = self.tasks[task.name].rpartition(":")
+        return AttachedTask(task, host, int(port))

@@ -45,7 +45,7 @@ from .graph import (
     build_graph,
     steps,
 )
-from .launch import ProcessLauncher, TaskProcess, log_tail
+from .launch import AttachLauncher, ProcessLauncher, TaskProcess, log_tail
 from .schema import ConfigError, validate_config
 
 logger = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ class TaskRunner:
         self.process = await self.product.launcher.launch(self.task, telstate)
         self._monitor = asyncio.create_task(self._watch_process())
         self.client = aiokatcp.Client(self.process.host, self.process.port)
+        self.client.add_disconnected_callback(self._disconnected)
         self.watcher = MirrorWatcher(self.client, self.product, self.task.name + ".",
                                      self._sensor_updated)
         self.client.add_sensor_watcher(self.watcher)
@@ -204,6 +205,12 @@ class TaskRunner:
                     sensor.value, bytes) else str(sensor.value)
             self.product.task_failed(self, f"{self.task.name} reports device-status fail"
                                      + (f": {reason}" if reason else ""))
+
+    def _disconnected(self) -> None:
+        # Where the launcher cannot see the process (Kubernetes), a lost connection is death.
+        if self.ready.is_set() and not self.death_expected and not self.process.observable:
+            self.state = TaskState.DEAD
+            self.product.task_failed(self, f"{self.task.name} lost its KATCP connection")
 
     async def _watch_process(self) -> None:
         assert self.process is not None
@@ -645,6 +652,9 @@ def add_commands(subparsers) -> None:
                         help="working directory: telstate, logs, default chunk store")
     parser.add_argument("--ready-timeout", type=float, default=120.0,
                         help="seconds a task may take to become ready [%(default)s]")
+    parser.add_argument("--attach", metavar="TASKS_JSON", default=None,
+                        help="attach to daemons already running (Kubernetes) instead of "
+                             "starting them: {telstate: host:port, tasks: {name: host:port}}")
     parser.add_argument("--task-command", default="",
                         help="command that runs a daemon, before its subcommand (a wrapper); "
                              "default: this python -m karoo.cli")
@@ -653,8 +663,11 @@ def add_commands(subparsers) -> None:
 
 def run(args) -> int:
     async def main() -> None:
-        launcher = ProcessLauncher(args.data_dir,
-                                   command=shlex.split(args.task_command) or None)
+        if args.attach:
+            launcher = AttachLauncher(args.attach)
+        else:
+            launcher = ProcessLauncher(args.data_dir,
+                                       command=shlex.split(args.task_command) or None)
         server = ProductController(args.host, args.port, data_dir=args.data_dir,
                                    launcher=launcher, ready_timeout=args.ready_timeout,
                                    halt_on_dead=True)
