@@ -281,3 +281,39 @@ def validate_config(config: dict[str, Any] | str | bytes) -> dict[str, Any]:
     if problems:
         raise ConfigError(problems)
     return copy.deepcopy(config)
+
+
+def simulated_config(
+    n_antennas: int = 4,
+    n_chans: int = 1024,
+    int_time: float = 0.5,
+    output_int_time: float = 1.0,
+    continuum_factor: int = 16,
+    script: str = "short",
+    **settings: Any,
+) -> dict[str, Any]:
+    """A product configuration for a simulated correlator with the full SDP chain.
+
+    Simulator -> ingest (spectral ``sdp_l0`` and, if `continuum_factor` > 1, continuum
+    ``sdp_l0_continuum``) -> vis writer and cal -> flag writer (``sdp_l0_cal_flags``) -> meta
+    writer. `settings` become the ``config`` section (``store``, ``ingest_servers``, ...).
+    """
+    cbf = "cbf_baseline_correlation_products"
+    outputs: dict[str, Any] = {
+        cbf: {"type": "sim.cbf.baseline_correlation_products", "n_antennas": n_antennas,
+              "n_chans": n_chans, "int_time": int_time, "n_substreams": 4},
+        "sdp_l0": {"type": "sdp.vis", "src_streams": [cbf], "output_int_time": output_int_time,
+                   "continuum_factor": 1, "archive": True},
+        "cal": {"type": "sdp.cal", "src_streams": ["sdp_l0"]},
+        "sdp_l0_cal_flags": {"type": "sdp.flags", "src_streams": ["sdp_l0", "cal"],
+                             "archive": True},
+    }
+    if continuum_factor > 1:
+        outputs["sdp_l0_continuum"] = {
+            "type": "sdp.vis", "src_streams": [cbf], "output_int_time": output_int_time,
+            "continuum_factor": continuum_factor, "archive": False}
+    config = {"version": SCHEMA_VERSIONS[-1], "outputs": outputs,
+              "simulation": {"script": script}}
+    if settings:
+        config["config"] = settings
+    return validate_config(config)
