@@ -309,6 +309,7 @@ class ProductController(aiokatcp.DeviceServer):
         self._op_name = ""
         self._errors: list[str] = []
         self._forcing = False  # a forced deconfigure is under way: start nothing new
+        self._started: dict[str, set[str]] = {}  # capture block -> tasks that accepted init
         self._state = Sensor(ProductState, "product-state", "state of the product "
                              "(prometheus: gauge)", default=ProductState.CONFIGURING,
                              initial_status=Sensor.Status.NOMINAL, status_func=_status_of)
@@ -478,12 +479,21 @@ class ProductController(aiokatcp.DeviceServer):
                          after_step: Callable[[int], None] | None = None) -> list[str]:
         by_name = {r.task.name: r for r in self.runners}
         failures: list[str] = []
+        if which == "init":
+            self._started[cbid] = set()
+        started = self._started.get(cbid, set())
         for step, items in steps(self._live(), which):
             if not only(step):
                 continue
+            if which == "done":
+                # A task that never accepted this block's capture-init has nothing to finish.
+                items = [(t, tr) for t, tr in items if not t.init or t.name in started]
             results = await asyncio.gather(
                 *(by_name[task.name].request(transition, cbid) for task, transition in items))
             failures += [r for r in results if r]
+            if which == "init":
+                started.update(t.name for (t, _), r in zip(items, results, strict=True)
+                               if r is None)
             if after_step is not None:
                 after_step(step)
             if failures and stop_on_failure:
@@ -546,6 +556,7 @@ class ProductController(aiokatcp.DeviceServer):
         finally:
             self._set_cb_state(cbid, CaptureBlockState.DEAD)
             self._postprocessing.pop(cbid, None)
+            self._started.pop(cbid, None)
 
     # -- deconfigure
 

@@ -178,7 +178,7 @@ async def test_task_death_while_capturing(product):
 
 
 async def test_bad_requests(product):
-    _, client = product
+    server, client = product
     with pytest.raises(aiokatcp.FailReply, match="invalid product configuration: "
                        "outputs/sdp_l0: 'output_int_time' is a required property"):
         config = product_config()
@@ -199,6 +199,14 @@ async def test_bad_requests(product):
     with pytest.raises(aiokatcp.FailReply, match=r"cal.1: \?capture-init 17.*refuses"):
         await client.request("capture-init", "1700000020")
     assert await sensor(client, "product-state") == "error"
+    # The tasks that had started the block finished it; ingest and the simulator never got it.
+    await wait_for(lambda: server._cb_sensor.value == "{}")
+    seen = requests_seen(server)
+    assert {r[0] for r in seen if r[1] == "capture-done"} == {"vis_writer.sdp_l0",
+                                                              "flag_writer.sdp_l0_cal_flags"}
+    assert not [r for r in seen if r[0].startswith(("ingest", "sim"))]
+    assert await sensor(client, "device-status-reason") == (
+        "cal.1: ?capture-init 1700000020 failed: cal.1 refuses capture-init (test)")
     await client.request("product-deconfigure")
     with pytest.raises(aiokatcp.FailReply, match="already dead"):
         await client.request("product-deconfigure")
