@@ -569,6 +569,8 @@ class ProductController(aiokatcp.DeviceServer):
                 self._op.cancel()
                 with contextlib.suppress(BaseException):
                     await self._op
+            if self.state == ProductState.DEAD:
+                return  # a configure it interrupted has already torn everything down
             await self._operation("product-deconfigure", self._deconfigure(force=True))
         else:
             await self._operation("product-deconfigure", self._deconfigure(force=False))

@@ -220,3 +220,17 @@ async def test_task_that_fails_to_start(product):
         await client.request("product-configure", "array_1", json.dumps(config))
     assert await sensor(client, "product-state") == "dead"
     assert all(not r.alive for r in server.runners)
+
+
+async def test_forced_deconfigure_while_configuring(product):
+    server, client = product
+    configure = asyncio.ensure_future(
+        client.request("product-configure", "array_1", json.dumps(product_config())))
+    await wait_for(lambda: any(r.process is not None for r in server.runners))
+    with pytest.raises(aiokatcp.FailReply, match="busy with product-configure"):
+        await client.request("capture-init", "1700000030")
+    await client.request("product-deconfigure", "1")
+    with pytest.raises(aiokatcp.FailReply):
+        await configure
+    assert await sensor(client, "product-state") == "dead"
+    assert all(not r.alive for r in server.runners)
