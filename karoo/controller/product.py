@@ -604,9 +604,15 @@ class ProductController(aiokatcp.DeviceServer):
             await asyncio.gather(*pending, return_exceptions=True)
         for runner in reversed(self.runners):
             runner.death_expected = True
-        # Producers stop first so that consumers drain what is already sent.
-        for runner in self.runners:
-            await runner.stop(force, self.stop_grace)
+        # Producers stop first so that consumers drain what is already sent; the tasks of one
+        # level of the dependency graph stop together.
+        depth: dict[str, int] = {}
+        for runner in self.runners:  # in start order: dependencies come first
+            deps = runner.task.depends_ready
+            depth[runner.task.name] = 1 + max((depth[d] for d in deps), default=-1)
+        for level in sorted(set(depth.values())):
+            await asyncio.gather(*(r.stop(force, self.stop_grace) for r in self.runners
+                                   if depth[r.task.name] == level))
         if self.telstate is not None:
             with contextlib.suppress(Exception):
                 await self.telstate.close()
