@@ -639,7 +639,7 @@ class CalPipeline:
         owner_k, owner_g = p.owns(p.k_window), p.owns(p.g_window)
         bls, n_ants = layout.bls, layout.n_ants
 
-        if is_cal and self.refant is None:
+        if is_cal and (self.refant is None or self.refant < 0):
             def choose():
                 avg, w = self._time_average(vis[:, kwin], weights[:, kwin], flags[:, kwin],
                                             None if model is None else model[kwin])
