@@ -122,10 +122,6 @@ class CalConfig:
         )
 
 
-def _nominal(value) -> Sensor.Status:
-    return Sensor.Status.NOMINAL
-
-
 class TelstateShared:
     """Cross-server agreement through immutable telstate keys, called from the pipeline thread.
 
@@ -198,10 +194,7 @@ class CalService(Service):
         self._slots = asyncio.Semaphore(config.buffer_dumps)
         self._refant_name: str | None = None  # kept across capture blocks
         c = self.add_counter
-
-        def g(*args, status_func=None, **kwargs):
-            # The base class hands status_func=None to aiokatcp, which calls it on every update.
-            return self.add_gauge(*args, status_func=status_func or _nominal, **kwargs)
+        g = self.add_gauge
         self._s_dumps = c("input-dumps-total", "L0 dumps received")
         self._s_heaps = c("input-heaps-total", "L0 heaps received")
         self._s_missing = c("input-missing-heaps-total",
