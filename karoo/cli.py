@@ -13,6 +13,7 @@ from .service import apply_telstate_config, setup_logging
 COMMAND_MODULES = [
     "karoo.demo",
     "karoo.bench",
+    "karoo.cal.service",
     "karoo.controller.kubernetes",
     "karoo.controller.master",
     "karoo.controller.product",

@@ -113,3 +113,13 @@ def test_telstate_config_gives_defaults(redis_url):
     args = apply_telstate_config(parser.parse_args(argv), lambda: parser.parse_args(argv))
     assert args.port == 4321  # from telstate
     assert args.host == "127.0.0.2"  # the command line wins
+
+
+async def test_gauges_and_counters():
+    service = Recorder("127.0.0.1", 0, telstate=telstate_aio.TelescopeState(), name="test")
+    counter = service.add_counter("input-heaps-total", "heaps received")
+    gauge = service.add_gauge("queue-bytes", "bytes waiting", "B")
+    counter.value += 3
+    gauge.value = 1.5
+    assert "(prometheus: counter)" in counter.description
+    assert (counter.value, gauge.value) == (3, 1.5)
