@@ -102,12 +102,13 @@ def add_service_arguments(parser: argparse.ArgumentParser, default_name: str) ->
 def apply_telstate_config(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace]):
     """Re-parse with the task's telstate config as defaults (explicit options still win).
 
-    Called by the ``karoo`` command after a first parse; `reparse` parses the same argv again.
-    Returns the final namespace, or `args` unchanged for commands without a telstate.
+    Called by the ``karoo`` command after a first parse; `reparse` parses the same argv again
+    (and so checks required options: one that the telstate config gives is satisfied).
+    Returns the final namespace.
     """
     parser = getattr(args, "_service_parser", None)
     if parser is None or not args.telstate:
-        return args
+        return reparse()
     telstate = TelescopeState(telstate_url(args.telstate))
     try:
         config = task_config(telstate, args.name)
@@ -118,6 +119,9 @@ def apply_telstate_config(args: argparse.Namespace, reparse: Callable[[], argpar
     if unknown:
         logger.debug("telstate config keys without a matching option: %s", ", ".join(unknown))
     parser.set_defaults(**{k: v for k, v in config.items() if k in dests})
+    for action in parser._actions:
+        if action.dest in config and action.option_strings:
+            action.required = False
     return reparse()
 
 

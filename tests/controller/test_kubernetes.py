@@ -10,7 +10,7 @@ import subprocess
 
 import aiokatcp
 
-from karoo.cli import build_parser
+from karoo.cli import _required_options_deferred, build_parser
 from karoo.controller.graph import build_graph
 from karoo.controller.kubernetes import generate_manifests
 from karoo.controller.launch import AttachLauncher, karoo_command, karoo_env
@@ -100,7 +100,9 @@ def test_generated_objects():
                 continue
             args = container["args"]
             if args[0] in commands:
-                parser.parse_args(args)
+                # As `karoo` parses it: required options may come from telstate.
+                with _required_options_deferred(parser):
+                    parser.parse_args(args)
                 checked.add(args[0])
             else:  # a daemon not merged into this tree yet
                 assert args[0] in daemon_commands
