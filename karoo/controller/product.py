@@ -509,6 +509,11 @@ class ProductController(aiokatcp.DeviceServer):
                             + (" (deconfigure it)" if self.state == ProductState.ERROR else ""))
         if cbid in self._capture_blocks:
             raise FailReply(f"capture block {cbid} already exists")
+        # The previous block's flags and full RDB first: a daemon (the flag writer) takes one
+        # capture block at a time.
+        pending = list(self._postprocessing.values())
+        if pending:
+            await asyncio.wait(pending, timeout=300)
         self._set_cb_state(cbid, CaptureBlockState.INITIALISING)
         await self.telstate.add("sdp_capture_block_id", cbid)
         self.capture_block_id = cbid
