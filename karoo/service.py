@@ -54,7 +54,7 @@ def telstate_url(endpoint: str | None) -> str:
     """Normalise ``host:port`` or ``redis://...`` to a URL; empty or None means in memory."""
     if not endpoint:
         return ""
-    return endpoint if "://" in endpoint else "redis://" + endpoint
+    return endpoint if "://" in endpoint else "redis://" + endpoint  # memory://name stays
 
 
 def task_config(telstate: TelescopeState, name: str) -> dict[str, Any]:

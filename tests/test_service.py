@@ -123,3 +123,17 @@ async def test_gauges_and_counters():
     gauge.value = 1.5
     assert "(prometheus: counter)" in counter.description
     assert (counter.value, gauge.value) == (3, 1.5)
+
+
+async def test_named_memory_telstate_is_shared():
+    """memory://name: daemons in one process share a telstate, as processes share Redis."""
+    from karoo.telstate.memory import forget_memory_backend
+
+    sync = TelescopeState("memory://service-test")
+    sync["config.x"] = {"port": 1}
+    ats = await telstate_aio.TelescopeState.from_url("memory://service-test")
+    assert await ats.get("config.x") == {"port": 1}
+    assert task_config(TelescopeState("memory://service-test"), "x") == {"port": 1}
+    assert "config.x" not in TelescopeState("memory://other-test")
+    forget_memory_backend("service-test")
+    assert "config.x" not in TelescopeState("memory://service-test")
