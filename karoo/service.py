@@ -17,6 +17,7 @@ telstate.
 import argparse
 import asyncio
 import enum
+import functools
 import json
 import logging
 import os
@@ -301,6 +302,16 @@ async def serve(service: Service) -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+def set_service_factory(parser: argparse.ArgumentParser,
+                        make: Callable[[Any, argparse.Namespace], Any]) -> None:
+    """Make a subcommand run the service that `make(telstate, args)` builds.
+
+    The factory is also kept as ``args.make_service``, so that the embedded launcher can build
+    the same service inside a running event loop instead of in a process of its own.
+    """
+    parser.set_defaults(func=functools.partial(run_service, make), make_service=make)
 
 
 def run_service(make: Callable[[Any, argparse.Namespace], Any], args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ publishes shared results under immutable ``<cbid>_<cal>_shared_solve_<seq>`` key
 # No `from __future__ import annotations`: aiokatcp reads request annotations as real types.
 import argparse
 import asyncio
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 from aiokatcp import DeviceStatus, FailReply, Sensor
 
-from ..service import Service, add_service_arguments, run_service
+from ..service import Service, add_service_arguments, set_service_factory
 from ..spead.l0 import L0Receiver
 from ..telstate.errors import ImmutableKeyError
 from .flagger import SumThresholdFlagger
@@ -541,4 +540,4 @@ def add_commands(subparsers) -> None:
         return CalService(args.host, args.port, telstate=telstate, name=args.name,
                           config=CalConfig.from_args(args))
 
-    parser.set_defaults(func=functools.partial(run_service, make))
+    set_service_factory(parser, make)

@@ -133,7 +133,9 @@ class EndpointAllocator:
 
     ``multicast``: consecutive groups from `cidr` on port 7148 (katsdpcontroller's scheme), so
     any number of receivers on any hosts can join a stream. ``udp``: unicast on `host` with a
-    free port per endpoint; a stream can then have only one receiving process.
+    free port per endpoint; a stream can then have only one receiving process. ``inproc``:
+    spead2 in-process queues, for a product run inside one process (every reader of a queue
+    name gets every heap, as with multicast).
     """
 
     def __init__(self, transport: str = "multicast", cidr: str = "239.192.0.0/18",
@@ -141,12 +143,18 @@ class EndpointAllocator:
         self.transport = transport
         self.host = host
         self._network = ipaddress.IPv4Network(cidr)
+        # in-process queue names are process-wide: keep each product's apart
+        self._inproc_prefix = f"stream-{id(self):x}-"
         if not self._network.is_multicast and transport == "multicast":
             raise ConfigError([f"config/multicast_cidr: {cidr} is not a multicast network"])
         self._next = 0
 
     def allocate(self, n: int) -> str:
         """A transport specification with `n` endpoints."""
+        if self.transport == "inproc":
+            first = self._next
+            self._next += n
+            return f"inproc://{self._inproc_prefix}{first}" + (f"+{n - 1}" if n > 1 else "")
         if self.transport == "udp":
             return ",".join(f"udp://{self.host}:{free_port(self.host)}" for _ in range(n))
         if self._next + n > self._network.num_addresses:

@@ -204,3 +204,104 @@ class AttachLauncher:
                                "from the one the manifests were made from")
         host, _, port = self.tasks[task.name].rpartition(":")
         return AttachedTask(task, host, int(port))
+
+
+class InProcessTask:
+    """A daemon running as a `karoo.service.Service` inside the controller's own event loop."""
+
+    observable = True  # its end (a halt or a crash of its server) is seen as it happens
+
+    def __init__(self, task: Task, service, host: str, port: int, telstate, log: Path) -> None:
+        self.task = task
+        self.service = service
+        self.host = host
+        self.port = port
+        self.log = log
+        self.returncode: int | None = None
+        self._telstate = telstate
+        self._done = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> int:
+        try:
+            await self.service.join()
+            self.returncode = 0
+        except Exception:
+            logger.exception("%s failed", self.task.name)
+            self.returncode = 1
+        finally:
+            await self._telstate.close()
+        return self.returncode
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._done)
+
+    def signal(self, signum: int) -> None:
+        """SIGTERM stops the server cleanly (finishing its capture block); SIGKILL abruptly."""
+        if self.returncode is None:
+            if signum == signal.SIGKILL:
+                self.service.capture_block_id = None  # no flush: what a killed process does
+            self.service.halt()
+
+    async def stop(self, grace: float = 30.0) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.wait(), grace)
+        except TimeoutError:
+            logger.warning("%s did not stop within %.0f s", self.task.name, grace)
+            self.signal(signal.SIGKILL)
+            return await self.wait()
+
+    def details(self) -> dict:
+        return {"host": self.host, "port": self.port, "pid": self.pid, "in_process": True}
+
+
+class InProcessLauncher:
+    """Runs a whole product inside one process: the embedded mode of ``karoo demo``.
+
+    Telstate is a process-wide memory store (``memory://<name>``) unless a Redis endpoint is
+    given, and every daemon is the same `Service` class that runs as a process in production,
+    built from the same telstate ``config.<task>`` by the same command-line parser.
+    Use it with an ``inproc`` stream allocator (`karoo.controller.graph.EndpointAllocator`).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, telstate: str = "",
+                 host: str = "127.0.0.1") -> None:
+        self.workdir = Path(workdir)
+        self.host = host
+        self._telstate = telstate
+        self._memory_name = f"karoo-{os.getpid()}-{id(self):x}"
+
+    async def start_telstate(self) -> str:
+        return self._telstate or f"memory://{self._memory_name}"
+
+    async def stop_telstate(self) -> None:
+        from ..telstate.memory import forget_memory_backend
+
+        forget_memory_backend(self._memory_name)
+
+    def telstate_alive(self) -> bool:
+        return True
+
+    async def launch(self, task: Task, telstate: str) -> InProcessTask:
+        from .. import cli
+        from ..service import open_telstate
+
+        argv = [task.command, "--telstate", telstate, "--name", task.name,
+                "-a", self.host, "-p", "0"]
+        args = await asyncio.to_thread(cli.parse_args, argv)
+        make = getattr(args, "make_service", None)
+        if make is None:
+            raise RuntimeError(f"karoo {task.command} is not a service")
+        service_telstate = await open_telstate(telstate)
+        service = make(service_telstate, args)
+        if asyncio.iscoroutine(service):
+            service = await service
+        await service.start()
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        return InProcessTask(task, service, self.host, service.port, service_telstate,
+                             logs / f"{task.name}.log")

@@ -148,7 +148,7 @@ PRODUCT_CONFIG_SCHEMA: dict[str, Any] = {
                 "ingest_servers": {"type": "integer", "minimum": 1},
                 "cal_servers": {"type": "integer", "minimum": 1},
                 "backend": {"enum": ["cpu", "cuda"]},
-                "transport": {"enum": ["multicast", "udp"]},
+                "transport": {"enum": ["multicast", "udp", "inproc"]},
                 "multicast_cidr": {"type": "string"},
                 "writer": {
                     "type": "object",
