@@ -712,8 +712,13 @@ class IngestService(Service):
         self._input["bytes"].value = (counters["heaps"] - before_base) * heap_bytes
         self._input["dumps"].value = counters["dumps"]
         self._input["metadata"].value = counters["metadata"]
+        extra = {
+            "too_old": before_base,
+            # dumps of which nothing arrived (between ones that did) are missing heaps too
+            "missing": counters["empty_dumps"] * self.receiver.n_substreams,
+        }
         for reason, sensor in self._rejects.items():
-            value = counters[reason] + (before_base if reason == "too_old" else 0)
+            value = counters[reason] + extra.get(reason, 0)
             if value != sensor.value:
                 sensor.set_value(value, status=Sensor.Status.WARN if value else
                                  Sensor.Status.NOMINAL)
