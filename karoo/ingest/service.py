@@ -84,7 +84,7 @@ INPUT_REASONS = {
 #: this long; a longer silence is a break in the stream (logged), not lost data to fill.
 MAX_GAP_FILL = 64
 # Waiting for the input to go quiet at capture-done (the anchor waits 5 s for stop heaps).
-_DRAIN_QUIET = 0.3
+_DRAIN_QUIET = 1.0
 _DRAIN_TIMEOUT = 5.0
 
 # numba's parallel kernels run in one thread per process: several services in one process
@@ -566,23 +566,29 @@ class IngestService(Service):
             self._update_input(rx.counters, self._before_base)
 
     async def _drain(self, rx: CBFReceiver) -> None:
-        """Wait until every dump that arrived is processed and no packet has come for a while.
+        """Wait until every dump that arrived is processed and no heap has come for a while
+        (`_DRAIN_QUIET` seconds: the receive thread may be starved of CPU for a moment).
 
-        Gives up after a spell without any progress (no packet, no dump processed).
+        A backlog being processed is waited for; a sender that keeps sending is cut off after
+        `_DRAIN_TIMEOUT` seconds of idle waiting.
         """
         last = None
-        stalled_since = time.monotonic()
+        changed = time.monotonic()
+        idle_time = 0.0
+        tick = 0.05
         while self._capture_task is not None and not self._capture_task.done():
-            await asyncio.sleep(_DRAIN_QUIET)
+            await asyncio.sleep(tick)
             now = (rx.heaps_seen, self._dumps_seen)
-            if now == last and self._idle:
-                return  # quiet input, nothing being processed
+            if self._idle:
+                idle_time += tick
             if now != last:
-                stalled_since = time.monotonic()
-            elif time.monotonic() - stalled_since > _DRAIN_TIMEOUT:
-                logger.warning("%s: input not draining; stopping anyway", self.name)
+                last, changed = now, time.monotonic()
+            elif self._idle and time.monotonic() - changed >= _DRAIN_QUIET:
+                return  # no input for a while, nothing being processed
+            if idle_time >= _DRAIN_TIMEOUT:
+                logger.warning("%s: input still arriving after capture-done; stopping anyway",
+                               self.name)
                 return
-            last = now
 
     # -- the capture task
 
