@@ -517,7 +517,6 @@ class IngestService(Service):
             self.receiver = CBFReceiver(
                 cfg.cbf_spead, self.cbf.stream_params(), channel_range=self.ranges.subscribed,
                 stop_on_stop_item=False, interface_address=cfg.cbf_interface,
-                max_chunks=4,
             )
         except (OSError, ValueError) as exc:
             raise FailReply(f"cannot receive from {cfg.cbf_spead}: {exc}") from None
@@ -578,7 +577,7 @@ class IngestService(Service):
         tick = 0.05
         while self._capture_task is not None and not self._capture_task.done():
             await asyncio.sleep(tick)
-            now = (rx.heaps_seen, self._dumps_seen)
+            now = (rx.heaps_seen, rx.latest_dump, self._dumps_seen)
             if self._idle:
                 idle_time += tick
             if now != last:
