@@ -541,7 +541,7 @@ class IngestService(Service):
         except (OSError, ValueError) as exc:
             self.receiver.stop()
             raise FailReply(f"cannot open L0 output: {exc}") from None
-        self._sent = {s.name: (0, 0) for s in self.streams}
+        self.set_device_status(DeviceStatus.OK)
         self._capture_task = asyncio.create_task(self._capture(capture_block_id))
 
     async def capture_done(self, capture_block_id: str) -> None:
