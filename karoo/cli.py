@@ -14,6 +14,8 @@ from .service import apply_telstate_config, setup_logging
 COMMAND_MODULES = [
     "karoo.demo",
     "karoo.bench",
+    "karoo.sim.service",
+    "karoo.ingest.service",
     "karoo.cal.service",
     "karoo.controller.kubernetes",
     "karoo.controller.master",

@@ -297,10 +297,14 @@ class InProcessLauncher:
         if make is None:
             raise RuntimeError(f"karoo {task.command} is not a service")
         service_telstate = await open_telstate(telstate)
-        service = make(service_telstate, args)
-        if asyncio.iscoroutine(service):
-            service = await service
-        await service.start()
+        try:
+            service = make(service_telstate, args)
+            if asyncio.iscoroutine(service):
+                service = await service
+            await service.start()
+        except SystemExit as exc:  # what the command would have exited with
+            await service_telstate.close()
+            raise RuntimeError(f"{task.name}: {exc}") from None
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         return InProcessTask(task, service, self.host, service.port, service_telstate,
