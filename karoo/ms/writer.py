@@ -12,6 +12,8 @@ Values written per row:
 * FLAG: ``(flags & flag_mask) != 0``; FLAG_ROW: every FLAG of the row set.
 * WEIGHT_SPECTRUM: the weights as given; SIGMA_SPECTRUM: ``weight ** -0.5``.
 * WEIGHT: mean of WEIGHT_SPECTRUM over channels; SIGMA: ``WEIGHT ** -0.5``.
+* When a block gives ``sigma_weights`` (CASA's convention after ``applycal``: WEIGHT* go with
+  CORRECTED_DATA, SIGMA* with the raw DATA), SIGMA and SIGMA_SPECTRUM come from them instead.
 * Zero weight gives SIGMA (and SIGMA_SPECTRUM) = inf, so that ``1 / SIGMA**2`` is again 0
   (katdal's policy); pass ``zero_weight_sigma`` to choose another value.
 * Missing correlation products: DATA 0, WEIGHT 0, FLAG set.
@@ -67,6 +69,9 @@ class DumpBlock:
         omitted, ``MSInput.antenna_uvw`` is used.
     corrected
         Optional ``(T, F, B)`` complex64 for CORRECTED_DATA (DATA is copied if omitted).
+    sigma_weights
+        Optional ``(T, F, B)`` float32 weights from which SIGMA and SIGMA_SPECTRUM are
+        derived (default `weights`): the raw weights when `weights` are calibrated ones.
     """
 
     first_dump: int
@@ -75,6 +80,7 @@ class DumpBlock:
     weights: np.ndarray
     uvw: np.ndarray | None = None
     corrected: np.ndarray | None = None
+    sigma_weights: np.ndarray | None = None
 
     @property
     def n_dumps(self) -> int:
@@ -203,7 +209,9 @@ class MSWriter:
         n_dumps, nbl = block.n_dumps, layout.n_baselines
         dumps = np.arange(block.first_dump, block.first_dump + n_dumps)
         expected = (n_dumps, meta.n_chans)
-        for name in ("vis", "flags", "weights"):
+        for name in ("vis", "flags", "weights", "corrected", "sigma_weights"):
+            if getattr(block, name) is None:
+                continue
             shape = np.shape(getattr(block, name))
             if len(shape) != 3 or shape[:2] != expected:
                 raise ValueError(
@@ -232,17 +240,24 @@ class MSWriter:
         ) != 0
         weight_spectrum = gather_rows(np.asarray(block.weights, np.float32), layout.corr_index, 0)
         weight = weight_spectrum.mean(axis=1, dtype=np.float64).astype(np.float32)
+        if block.sigma_weights is None:
+            sigma_spectrum, sigma_weight = weight_spectrum, weight
+        else:
+            sigma_spectrum = gather_rows(
+                np.asarray(block.sigma_weights, np.float32), layout.corr_index, 0
+            )
+            sigma_weight = sigma_spectrum.mean(axis=1, dtype=np.float64).astype(np.float32)
         cols: dict[str, np.ndarray] = {
             "DATA": data,
             "FLAG": flag,
             "FLAG_ROW": flag.all(axis=(1, 2)),
             "WEIGHT": weight,
-            "SIGMA": self._sigma(weight),
+            "SIGMA": self._sigma(sigma_weight),
             "UVW": self._uvw(block, dumps),
         }
         if "WEIGHT_SPECTRUM" in self.columns:
             cols["WEIGHT_SPECTRUM"] = weight_spectrum
-            cols["SIGMA_SPECTRUM"] = self._sigma(weight_spectrum)
+            cols["SIGMA_SPECTRUM"] = self._sigma(sigma_spectrum)
         if "CORRECTED_DATA" in self.columns:
             cols["CORRECTED_DATA"] = (
                 data

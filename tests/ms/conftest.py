@@ -94,3 +94,36 @@ def make_observation(pols=POL_ORDER_CBF, drop: int | None = None, n_dumps=N_DUMP
 @pytest.fixture
 def obs() -> Observation:
     return make_observation()
+
+
+def zarr_source(obs: Observation, path, *, chunk_dumps: int = 2, calibrated: bool = False):
+    """An `ExportSource` of `obs` held as Dask arrays over a Zarr store on disk at `path`.
+
+    With `calibrated`, adds corrected visibilities (vis times a per-product complex gain) and
+    calibrated weights (weights / |gain|^2), as applycal would. Returns (source, group).
+    """
+    import dask.array as da
+    import zarr
+
+    from karoo.ms import ExportSource
+
+    arrays = {"vis": obs.vis, "flags": obs.flags, "weights": obs.weights}
+    if calibrated:
+        gain = calibration_gains(obs.vis.shape[2])
+        arrays["corrected"] = (obs.vis * gain).astype(np.complex64)
+        arrays["calibrated_weights"] = (obs.weights / np.abs(gain) ** 2).astype(np.float32)
+    group = zarr.open_group(str(path), mode="w")
+    lazy = {}
+    for name, values in arrays.items():
+        z = group.create_array(
+            name, shape=values.shape, dtype=values.dtype, chunks=(chunk_dumps, *values.shape[1:])
+        )
+        z[:] = values
+        lazy[name] = da.from_zarr(z)
+    return ExportSource(obs.meta, **lazy), group
+
+
+def calibration_gains(n_products: int) -> np.ndarray:
+    """A fixed complex factor per correlation product, standing in for 1 / (g_p conj(g_q))."""
+    k = np.arange(n_products)
+    return ((1.0 + 0.1 * (k % 5)) * np.exp(0.3j * k)).astype(np.complex64)
