@@ -23,18 +23,21 @@ class Observation:
     enu: np.ndarray
 
 
-def antenna_uvw(enu: np.ndarray, targets: list[Target]):
+@dataclass(frozen=True)
+class RotatingUVW:
     """A simple per-antenna uvw hook: ENU offsets rotated with time and target (metres)."""
 
-    def hook(timestamps: np.ndarray, target: np.ndarray) -> np.ndarray:
-        angle = (timestamps - 1.7e9) * 7.3e-5 + np.array([targets[i].ra for i in target])
+    enu: np.ndarray
+    targets: list[Target]
+
+    def __call__(self, timestamps: np.ndarray, target: np.ndarray) -> np.ndarray:
+        enu = self.enu
+        angle = (timestamps - 1.7e9) * 7.3e-5 + np.array([self.targets[i].ra for i in target])
         c, s = np.cos(angle), np.sin(angle)
         u = c[:, None] * enu[None, :, 0] - s[:, None] * enu[None, :, 1]
         v = s[:, None] * enu[None, :, 0] + c[:, None] * enu[None, :, 1]
         w = np.broadcast_to(enu[None, :, 2], u.shape)
         return np.stack([u, v, w], axis=-1)
-
-    return hook
 
 
 def cbf_products(names: list[str], pols=POL_ORDER_CBF) -> list[tuple[str, str]]:
@@ -72,7 +75,7 @@ def make_observation(pols=POL_ORDER_CBF, drop: int | None = None, n_dumps=N_DUMP
         scans=scans,
         timestamps=1.7e9 + 8.0 * np.arange(n_dumps) + 4.0,
         dump_period=8.0,
-        antenna_uvw=antenna_uvw(enu, targets),
+        antenna_uvw=RotatingUVW(enu, targets),
         observer="karoo tests",
         project="karoo",
         history=("synthetic observation",),
