@@ -26,10 +26,15 @@ interrupted export never leaves something that looks like a complete MS.
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import logging
 import math
 import os
+import pickle
 import shutil
+import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from casacore import tables
 
-from .kernels import gather_rows
+from .kernels import block_to_rows, gather_rows
 from .layout import MJD_UNIX_OFFSET, MSInput, MSLayout
 
 logger = logging.getLogger(__name__)
@@ -230,34 +235,18 @@ class MSWriter:
         if len(outside):
             raise ValueError(f"dumps {outside.tolist()} belong to no scan")
 
-        data = gather_rows(np.asarray(block.vis, np.complex64), layout.corr_index, 0)
-        flag_bits = np.asarray(block.flags)
-        if flag_bits.dtype == np.bool_:
-            flag_bits = flag_bits.view(np.uint8)
-        flag = (
-            gather_rows(flag_bits.astype(np.uint8, copy=False), layout.corr_index, 0xFF)
-            & np.uint8(self.flag_mask)
-        ) != 0
-        weight_spectrum = gather_rows(np.asarray(block.weights, np.float32), layout.corr_index, 0)
-        weight = weight_spectrum.mean(axis=1, dtype=np.float64).astype(np.float32)
-        if block.sigma_weights is None:
-            sigma_spectrum, sigma_weight = weight_spectrum, weight
-        else:
-            sigma_spectrum = gather_rows(
-                np.asarray(block.sigma_weights, np.float32), layout.corr_index, 0
-            )
-            sigma_weight = sigma_spectrum.mean(axis=1, dtype=np.float64).astype(np.float32)
-        cols: dict[str, np.ndarray] = {
-            "DATA": data,
-            "FLAG": flag,
-            "FLAG_ROW": flag.all(axis=(1, 2)),
-            "WEIGHT": weight,
-            "SIGMA": self._sigma(sigma_weight),
-            "UVW": self._uvw(block, dumps),
-        }
-        if "WEIGHT_SPECTRUM" in self.columns:
-            cols["WEIGHT_SPECTRUM"] = weight_spectrum
-            cols["SIGMA_SPECTRUM"] = self._sigma(sigma_spectrum)
+        cols = block_to_rows(
+            block.vis,
+            block.flags,
+            block.weights,
+            layout.corr_index,
+            sigma_weights=block.sigma_weights,
+            flag_mask=self.flag_mask,
+            zero_sigma=self.zero_weight_sigma,
+            spectrum="WEIGHT_SPECTRUM" in self.columns,
+        )
+        data = cols["DATA"]
+        cols["UVW"] = self._uvw(block, dumps)
         if "CORRECTED_DATA" in self.columns:
             cols["CORRECTED_DATA"] = (
                 data
@@ -292,13 +281,6 @@ class MSWriter:
             self.table.putcol(name, values, startrow=start, nrow=n_rows)
         self._next_dump = block.first_dump + n_dumps
         self.dumps_written += n_dumps
-
-    def _sigma(self, weight: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore"):
-            sigma = np.reciprocal(np.sqrt(weight))
-        if not math.isinf(self.zero_weight_sigma):
-            sigma[weight == 0] = self.zero_weight_sigma
-        return sigma
 
     def _uvw(self, block: DumpBlock, dumps: np.ndarray) -> np.ndarray:
         nbl = self.layout.n_baselines
@@ -373,19 +355,80 @@ def create_ms(
     shutil.rmtree(partial, ignore_errors=True)
     if path.exists():
         shutil.rmtree(path)
-    tabdesc, dminfo = main_table_layout(
-        meta, layout, corrected_data=corrected_data, spectrum=spectrum, tile_bytes=tile_bytes
-    )
-    table = tables.default_ms(str(partial), tabdesc, dminfo)
-    try:
-        _write_subtables(table, partial, meta, layout, receptor_angle, source_table)
-    except BaseException:
-        table.close()
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    options = (corrected_data, spectrum, source_table, tile_bytes, tuple(receptor_angle))
+    template = _TEMPLATES.get(meta, options)
+    if template is not None:
+        shutil.copytree(template, partial)
+        table = tables.table(str(partial), readonly=False, ack=False)
+    else:
+        table = _create_empty_ms(partial, meta, layout, *options)
     return MSWriter(
         path, partial, table, meta, layout, flag_mask=flag_mask, zero_weight_sigma=zero_weight_sigma
     )
+
+
+def _create_empty_ms(
+    path: Path,
+    meta: MSInput,
+    layout: MSLayout,
+    corrected_data: bool,
+    spectrum: bool,
+    source_table: bool,
+    tile_bytes: int,
+    receptor_angle: tuple[float, float],
+) -> tables.table:
+    """A new MS at `path`: MAIN without rows, subtables filled; returned open for writing."""
+    tabdesc, dminfo = main_table_layout(
+        meta, layout, corrected_data=corrected_data, spectrum=spectrum, tile_bytes=tile_bytes
+    )
+    table = tables.default_ms(str(path), tabdesc, dminfo)
+    try:
+        _write_subtables(table, path, meta, layout, receptor_angle, source_table)
+    except BaseException:
+        table.close()
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return table
+
+
+class _TemplateCache:
+    """Empty MSs (subtables filled, MAIN without rows) already built in this process.
+
+    casacore takes a few tenths of a second to create an MS and its 12 subtables, which
+    dominates small slices; every slice of an export has the same empty MS, so a process
+    writing several builds it once and copies the directory (a few milliseconds). A template
+    is only reused for the same `MSInput` and options (compared by their pickled bytes).
+    """
+
+    def __init__(self, max_templates: int = 4) -> None:
+        self.max_templates = max_templates
+        self._dir: Path | None = None
+        self._paths: dict[bytes, Path] = {}
+        self._lock = threading.Lock()
+
+    def get(self, meta: MSInput, options: tuple) -> Path | None:
+        """The template for `meta` and `options`, built now if needed (None: not cacheable)."""
+        try:
+            key = hashlib.sha256(pickle.dumps((meta, options), protocol=5)).digest()
+        except Exception:  # e.g. an antenna_uvw hook that does not pickle: build each time
+            return None
+        with self._lock:
+            path = self._paths.get(key)
+            if path is not None and path.exists():
+                return path
+            if self._dir is None:
+                self._dir = Path(tempfile.mkdtemp(prefix="karoo-ms-templates-"))
+                atexit.register(shutil.rmtree, self._dir, ignore_errors=True)
+            if len(self._paths) >= self.max_templates:
+                old = self._paths.pop(next(iter(self._paths)))
+                shutil.rmtree(old, ignore_errors=True)
+            path = self._dir / f"{key.hex()[:16]}.ms"
+            _create_empty_ms(path, meta, MSLayout.from_input(meta), *options).close()
+            self._paths[key] = path
+            return path
+
+
+_TEMPLATES = _TemplateCache()
 
 
 def append_dumps(
