@@ -15,16 +15,18 @@ Figures:
   i.e. a slice takes at most 1.2x whole / N);
 * N slices on 2 dask.distributed workers against 1 (target >= 1.6 on a machine with 2 free
   cores; the clusters are started before timing);
-* peak RSS (this process and its children, MB) of a whole export of two observations 4x apart
-  in dumps, each in a fresh process; for memory a ratio below 1 means karoo uses less.
+* peak RSS (the exporting process and its children, MB) of a whole export of two observations
+  4x apart in dumps, each in a fresh process; for memory a ratio below 1 means karoo uses less.
+  karoo's export blocks are 8 MB of source data in --quick (64 MB, the default, otherwise),
+  so that even the smaller observation spans a few blocks.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -50,33 +52,27 @@ CHUNK_DUMPS = 4
 
 
 def make_store(path: Path, n_ants: int, n_chans: int, n_dumps: int) -> None:
-    """Synthetic (T, F, corr product) vis/flags/weights in a Zarr group at `path`."""
+    """Synthetic (T, F, corr product) vis/flags/weights in a Zarr group at `path`.
+
+    One random block of `CHUNK_DUMPS` dumps per array is written at every chunk (the vis
+    offset by the dump index), which keeps large stores cheap to make.
+    """
     import zarr
 
     n_products = 4 * n_ants * (n_ants + 1) // 2
     group = zarr.open_group(str(path), mode="w")
     rng = np.random.default_rng(7)
-    arrays = {
-        "vis": np.complex64,
-        "flags": np.uint8,
-        "weights": np.float32,
+    shape = (CHUNK_DUMPS, n_chans, n_products)
+    blocks = {
+        "vis": (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64),
+        "flags": ((rng.random(shape) < 0.05) * 16).astype(np.uint8),
+        "weights": rng.uniform(0.5, 2.0, shape).astype(np.float32),
     }
-    for name, dtype in arrays.items():
-        z = group.create_array(
-            name,
-            shape=(n_dumps, n_chans, n_products),
-            dtype=dtype,
-            chunks=(CHUNK_DUMPS, n_chans, n_products),
-        )
+    for name, block in blocks.items():
+        z = group.create_array(name, shape=(n_dumps, *shape[1:]), dtype=block.dtype, chunks=shape)
         for t in range(0, n_dumps, CHUNK_DUMPS):
-            shape = (min(CHUNK_DUMPS, n_dumps - t), n_chans, n_products)
-            if name == "vis":
-                block = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
-            elif name == "flags":
-                block = (rng.random(shape) < 0.05) * 16
-            else:
-                block = rng.uniform(0.5, 2.0, shape)
-            z[t : t + shape[0]] = block.astype(dtype)
+            n = min(CHUNK_DUMPS, n_dumps - t)
+            z[t : t + n] = block[:n] + t if name == "vis" else block[:n]
     group.attrs["n_ants"] = n_ants
 
 
@@ -180,7 +176,6 @@ def load_mvftoms():
 
 
 def run_mvftoms(module, dataset, out: Path) -> None:
-    import contextlib
     import io
 
     import dask
@@ -201,26 +196,61 @@ def run_mvftoms(module, dataset, out: Path) -> None:
             dask.config.config.pop("pool", None)
 
 
-def peak_rss_mb() -> float:
-    """Peak RSS of this process plus that of its largest child, MB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + children) / 1024
+class PeakRSS:
+    """Peak resident memory (MB) of this process plus its children, sampled every 5 ms.
+
+    (``ru_maxrss`` would not do: a child started by ``fork`` + ``exec`` inherits its
+    parent's high-water mark, and mvftoms' writer is a separate process.)
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        import psutil
+
+        self.peak = 0
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        total = 0
+        for proc in (self._process, *self._process.children(recursive=True)):
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        self.peak = max(self.peak, total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self._sample()
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return self.peak / 1e6
 
 
-def child(which: str, store: Path, out: Path) -> None:
+def child(which: str, store: Path, out: Path, chunk_mb: float) -> None:
     """Entry point of the memory runs: one export in a fresh process, print the peak RSS."""
     if which == "karoo":
-        export_ms(karoo_source(store), out, progress=False)
+        source = karoo_source(store)
+        rss = PeakRSS()
+        export_ms(source, out, progress=False, chunk_bytes=int(chunk_mb * 1e6))
     else:
-        run_mvftoms(load_mvftoms(), katdal_dataset(store), out)
-    print(json.dumps({"rss_mb": peak_rss_mb()}))
+        module, dataset = load_mvftoms(), katdal_dataset(store)
+        rss = PeakRSS()
+        run_mvftoms(module, dataset, out)
+    print(json.dumps({"rss_mb": rss.stop()}))
 
 
-def measure_rss(which: str, store: Path, out: Path) -> float:
+def measure_rss(which: str, store: Path, out: Path, chunk_mb: float) -> float:
     shutil.rmtree(out, ignore_errors=True)
     result = subprocess.run(
-        [sys.executable, __file__, "--child", which, str(store), str(out)],
+        [sys.executable, __file__, "--child", which, str(store), str(out), str(chunk_mb)],
         capture_output=True,
         text=True,
         check=True,
@@ -231,10 +261,10 @@ def measure_rss(which: str, store: Path, out: Path) -> float:
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child[0], Path(args.child[1]), Path(args.child[2]))
+        child(args.child[0], Path(args.child[1]), Path(args.child[2]), float(args.child[3]))
         return
     reps = args.reps or (3 if args.quick else 5)
     n_ants, n_chans, n_dumps = (16, 256, 25) if args.quick else (16, 1024, 49)
@@ -288,26 +318,40 @@ def main() -> None:
 
         rates = []
         for workers in (2, 1):
-            rates.append(megabytes / parallel_time(source, out, n_slices, workers, reps, clean))
+            # fewer repetitions in --quick: each one exports every slice on the cluster
+            parallel_reps = 2 if args.quick else reps
+            rates.append(
+                megabytes / parallel_time(source, out, n_slices, workers, parallel_reps, clean)
+            )
         report(
             f"{n_slices} slices export throughput, 2 workers vs 1",
             rates[0],
             "karoo 1 worker",
             rates[1],
             "MB/s",
-            reps,
+            parallel_reps,
         )
         clean()
 
-        small, large = tmp / "small.zarr", tmp / "large.zarr"
-        n_small = max(9, n_dumps // 4)
-        make_store(small, n_ants, n_chans, n_small)
-        make_store(large, n_ants, n_chans, 4 * (n_small - 1) + 1)
-        for label, path in (("1x", small), ("4x", large)):
-            ours_rss = measure_rss("karoo", path, out)
-            theirs_rss = measure_rss("katdal", path, out)
-            n = n_small - 1 if label == "1x" else 4 * (n_small - 1)
-            report(f"export peak RSS, {n} dumps ({label})", ours_rss, ANCHOR, theirs_rss, "MB", 1)
+        # Memory: a few export blocks (chunk_mb of source each) for 1x, four times that for 4x
+        chunk_mb = 8.0 if args.quick else 64.0
+        per_dump_mb = source.bytes_per_dump / 1e6
+        n_small = int(3 * chunk_mb / per_dump_mb) + 1
+        print(f"# memory: export blocks of {chunk_mb:g} MB; peak RSS includes the imports")
+        for label, dumps in (("1x", n_small), ("4x", 4 * (n_small - 1) + 1)):
+            path = tmp / f"{label}.zarr"
+            make_store(path, n_ants, n_chans, dumps)
+            ours_rss = measure_rss("karoo", path, out, chunk_mb)
+            theirs_rss = measure_rss("katdal", path, out, chunk_mb)
+            shutil.rmtree(path)
+            report(
+                f"export peak RSS, {(dumps - 1) * per_dump_mb:.0f} MB of dumps ({label})",
+                ours_rss,
+                ANCHOR,
+                theirs_rss,
+                "MB",
+                1,
+            )
 
 
 def parallel_time(source, out, n_slices, workers, reps, clean) -> float:
