@@ -21,7 +21,7 @@ from .kernels import gather_rows
 from .layout import MJD_UNIX_OFFSET, MSInput, MSLayout, Scan, Target, itrf_from_enu
 from .slicing import concat_slices, iter_blocks, plan_slices, write_ms
 from .uvw import geometric_uvw
-from .writer import DumpBlock, MSWriter, append_dumps, create_ms, main_table_layout
+from .writer import DumpBlock, MainRows, MSWriter, append_dumps, create_ms, main_table_layout
 
 __all__ = [
     "MJD_UNIX_OFFSET",
@@ -31,6 +31,7 @@ __all__ = [
     "MSInput",
     "MSLayout",
     "MSWriter",
+    "MainRows",
     "Scan",
     "SliceResult",
     "Target",

@@ -38,13 +38,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
 from .layout import MSInput, MSLayout
 from .slicing import concat_slices, plan_slices
-from .writer import DumpBlock, append_dumps, create_ms
+from .writer import DumpBlock, create_ms
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -280,12 +282,13 @@ def write_slice(
         **options.create_kwargs,
     )
     with writer:
-        blocks = _prefetch(_read_blocks(source, dumps, options))
+        # read and transpose the next block in a thread while casacore writes this one
+        blocks = _prefetch(writer.rows(b) for b in _read_blocks(source, dumps, options))
         try:
-            for block in blocks:
-                append_dumps(writer, block)
+            for rows in blocks:
+                writer.write_rows(rows)
                 if progress is not None:
-                    progress(block.n_dumps)
+                    progress(rows.n_dumps)
         finally:
             blocks.close()
     runs = _runs(dumps)
@@ -401,8 +404,8 @@ def _is_dask(array: Any) -> bool:
     return hasattr(array, "__dask_graph__")
 
 
-def _prefetch(blocks: Iterator[DumpBlock]) -> Iterator[DumpBlock]:
-    """Iterate `blocks`, reading the next block in a thread while the caller writes one."""
+def _prefetch(blocks: Iterator[T]) -> Iterator[T]:
+    """Iterate `blocks`, producing the next item in a thread while the caller uses one."""
     done = object()
     with ThreadPoolExecutor(1, thread_name_prefix="ms-read") as pool:
 

@@ -92,6 +92,15 @@ class DumpBlock:
         return len(self.vis)
 
 
+@dataclass
+class MainRows:
+    """MAIN columns of a block of dumps, ready for ``putcol`` (see `MSWriter.rows`)."""
+
+    first_dump: int
+    n_dumps: int
+    columns: dict[str, np.ndarray]
+
+
 def _tile_rows(n_baselines: int, n_dumps: int, row_bits: int, tile_bytes: int) -> int:
     """Rows per tile: whole dumps, as many as fit in `tile_bytes` (at least one dump)."""
     dumps = max(1, (8 * tile_bytes) // max(1, n_baselines * row_bits))
@@ -210,6 +219,14 @@ class MSWriter:
 
     def append(self, block: DumpBlock) -> None:
         """Write one block of dumps as ``T * nbl`` new MAIN rows (see the module docstring)."""
+        self.write_rows(self.rows(block))
+
+    def rows(self, block: DumpBlock) -> MainRows:
+        """The MAIN rows of `block`, computed without touching the table.
+
+        Safe to call from another thread while `write_rows` writes the previous block, which
+        is how an export overlaps the transpose with casacore's writes.
+        """
         meta, layout = self.meta, self.layout
         n_dumps, nbl = block.n_dumps, layout.n_baselines
         dumps = np.arange(block.first_dump, block.first_dump + n_dumps)
@@ -222,13 +239,8 @@ class MSWriter:
                 raise ValueError(
                     f"{name} must have shape (T, F, B) = {expected} + (B,), not {shape}"
                 )
-        if block.first_dump < self._next_dump:
-            raise ValueError(
-                f"dumps must be appended in time order: block starts at dump {block.first_dump}, "
-                f"dump {self._next_dump - 1} is already written"
-            )
         if n_dumps == 0:
-            return
+            return MainRows(block.first_dump, 0, {})
         if dumps[-1] >= meta.n_dumps:
             raise ValueError(f"dumps {dumps[0]}..{dumps[-1]} beyond the {meta.n_dumps} described")
         outside = dumps[layout.scan_number[dumps] < 0]
@@ -274,13 +286,24 @@ class MSWriter:
         zeros = np.zeros(n_rows, np.int32)
         for name in ("FEED1", "FEED2", "DATA_DESC_ID", "ARRAY_ID", "OBSERVATION_ID"):
             cols[name] = zeros
+        return MainRows(block.first_dump, n_dumps, cols)
 
+    def write_rows(self, rows: MainRows) -> None:
+        """Append rows from `rows` (blocks in time order) to MAIN."""
+        if rows.first_dump < self._next_dump:
+            raise ValueError(
+                f"dumps must be appended in time order: block starts at dump {rows.first_dump}, "
+                f"dump {self._next_dump - 1} is already written"
+            )
+        if rows.n_dumps == 0:
+            return
+        n_rows = rows.n_dumps * self.layout.n_baselines
         start = self.table.nrows()
         self.table.addrows(n_rows)
-        for name, values in cols.items():
+        for name, values in rows.columns.items():
             self.table.putcol(name, values, startrow=start, nrow=n_rows)
-        self._next_dump = block.first_dump + n_dumps
-        self.dumps_written += n_dumps
+        self._next_dump = rows.first_dump + rows.n_dumps
+        self.dumps_written += rows.n_dumps
 
     def _uvw(self, block: DumpBlock, dumps: np.ndarray) -> np.ndarray:
         nbl = self.layout.n_baselines
