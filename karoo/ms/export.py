@@ -218,7 +218,7 @@ def export_ms(
     if slice_index is None and (n_slices is None or n_slices == 1):
         dumps = exported_dumps(source.meta)
         with _progress_bar(progress, len(dumps), out.name) as bar:
-            result = write_slice(source, out, dumps, options=options, progress=bar.update)
+            result = write_slice(source, out, dumps, progress=bar.update, **options.kwargs())
         return ExportResult(out, [result])
 
     plan = plan_export(source, n_slices)
@@ -228,7 +228,7 @@ def export_ms(
         # fewer dumps than slices: the slices past the last dump are empty but still valid MSs
         dumps = plan[slice_index] if slice_index < len(plan) else np.zeros(0, np.int64)
         with _progress_bar(progress, len(dumps), out.name) as bar:
-            result = write_slice(source, out, dumps, options=options, progress=bar.update)
+            result = write_slice(source, out, dumps, progress=bar.update, **options.kwargs())
         return ExportResult(out, [result])
 
     paths = slice_paths(out, len(plan))
@@ -247,6 +247,14 @@ class _SliceOptions:
     overwrite: bool = False
     create_kwargs: dict = field(default_factory=dict)
 
+    def kwargs(self) -> dict:
+        return {
+            "calibrated": self.calibrated,
+            "chunk_bytes": self.chunk_bytes,
+            "overwrite": self.overwrite,
+            **self.create_kwargs,
+        }
+
 
 @dataclass(frozen=True)
 class _SliceJob:
@@ -260,16 +268,19 @@ def write_slice(
     path: str | os.PathLike,
     dumps: np.ndarray | range,
     *,
-    options: _SliceOptions | None = None,
+    calibrated: Literal["CORRECTED_DATA", "DATA"] = "CORRECTED_DATA",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    overwrite: bool = False,
     progress: Callable[[int], object] | None = None,
+    **create_kwargs,
 ) -> SliceResult:
     """Write the given global dumps of `source` (time order, inside scans) as one MS.
 
-    The building block of `export_ms`: reads blocks of dumps (prefetching the next block
-    while the current one is written) and appends them. `progress` is called with the
-    number of dumps of each block written.
+    The building block of `export_ms` (see there for the parameters): reads blocks of
+    about `chunk_bytes`, and reads and transposes the next block in a thread while casacore
+    writes the current one. `progress` is called with the number of dumps of each block.
     """
-    options = options or _SliceOptions()
+    options = _SliceOptions(calibrated, chunk_bytes, overwrite, create_kwargs)
     dumps = np.asarray(dumps, np.int64)
     if len(dumps) and (np.any(np.diff(dumps) <= 0) or dumps[0] < 0):
         raise ValueError("dumps must be increasing global dump indices")
@@ -441,7 +452,7 @@ def _make_room(paths: list[Path], overwrite: bool) -> None:
 def _slice_task(payload: bytes, job: _SliceJob) -> SliceResult:
     """Runs on a worker: unpickle the source (once per process) and write one slice."""
     source = _unpickle_source(payload)
-    return write_slice(source, job.path, job.dumps, options=job.options)
+    return write_slice(source, job.path, job.dumps, **job.options.kwargs())
 
 
 _source_cache: dict[int, tuple[bytes, ExportSource]] = {}
