@@ -299,7 +299,8 @@ class CalService(Service):
 
     # -- capture cycle
 
-    async def capture_init(self, capture_block_id: str) -> None:
+    async def _prepare(self) -> tuple[dict[str, Any], CorrLayout, CalParams]:
+        """The L0 metadata and what follows from it: product layout and solver parameters."""
         cfg = self.config
         meta = await self._l0_metadata()
         n_chans = int(meta["n_chans"])
@@ -324,6 +325,22 @@ class CalService(Service):
             flagger=SumThresholdFlagger.meerkat(float(meta["bandwidth"]) / n_chans,
                                                 float(meta["int_time"])),
         )
+        return meta, layout, params
+
+    async def start(self) -> None:
+        # The cal and flags stream keys go to telstate at start-up when ingest's L0 metadata
+        # is already there (katsdpcal's order): the flag writer reads them at its capture-init.
+        try:
+            await self._write_static(*await self._prepare())
+        except FailReply as exc:
+            logger.info("%s: stream metadata deferred to capture-init (%s)", self.name, exc)
+        await super().start()
+
+    async def capture_init(self, capture_block_id: str) -> None:
+        cfg = self.config
+        meta, layout, params = await self._prepare()
+        n_chans = int(meta["n_chans"])
+        chan_range = params.channel_range
         cap = _Capture(capture_block_id)
         cb_cal = self.telstate.view(f"{capture_block_id}_{cfg.cal_name}")
         shared = TelstateShared(cb_cal, asyncio.get_running_loop(), cfg.shared_timeout) \

@@ -472,6 +472,9 @@ class IngestService(Service):
             cbf.n_chans, len(cbf.bls_ordering), n_bls, *out, *self.ranges.subscribed,
             self.ratio, self.int_time,
         )
+        # Written at start-up, as katsdpingest does: the writers and cal read them at their
+        # capture-init, which comes before ingest's.
+        await self._write_stream_attributes()
         await self.warm_up()
 
     def _stream_attributes(self, stream: _L0Stream) -> dict[str, Any]:
@@ -510,7 +513,6 @@ class IngestService(Service):
         cfg = self.config
         if self.cbf is None:
             await self.configure()
-        await self._write_stream_attributes()
         for sensor in (*self._input.values(), *self._rejects.values(), *self._output.values()):
             sensor.set_value(0, status=Sensor.Status.NOMINAL)
         try:

@@ -180,6 +180,7 @@ class SimService(Service):
         self.sender: CBFSender | None = None
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self._capture_blocks_written: set[str] = set()
         n = self.simulator.n_dumps
         self.end_dump = min(n, config.max_dumps) if config.max_dumps else n
         self._heaps = self.add_counter("output-heaps-total", "CBF heaps sent")
@@ -213,7 +214,22 @@ class SimService(Service):
     async def write_metadata(self) -> None:
         """CBF attributes and CAM sensors of the whole script, to telstate."""
         rec = _Recorder()
-        self.simulator.write_telstate(rec, self.config.capture_block_id or None)
+        cbid = self.config.capture_block_id
+        self.simulator.write_telstate(rec, cbid or None, capture_block=bool(cbid))
+        if cbid:
+            self._capture_blocks_written.add(cbid)
+        await self._write_recorded(rec)
+
+    async def write_capture_block(self, capture_block_id: str) -> None:
+        """The capture block's ``<cbid>_obs_*`` sensors, once per capture block (CAM's job)."""
+        if capture_block_id in self._capture_blocks_written:
+            return
+        rec = _Recorder()
+        self.simulator.write_capture_block(rec, capture_block_id)
+        await self._write_recorded(rec)
+        self._capture_blocks_written.add(capture_block_id)
+
+    async def _write_recorded(self, rec: "_Recorder") -> None:
         for key, value in rec.attributes:
             try:
                 await self.telstate.add(key, value, immutable=True)
@@ -240,6 +256,10 @@ class SimService(Service):
         self._task = None
         if self.next_dump >= self.end_dump:
             raise FailReply(f"the script is over (all {self.end_dump} dumps sent)")
+        # The controller names the capture block in telstate before it starts the sim.
+        cbid = await self.telstate.get("sdp_capture_block_id")
+        if cbid:
+            await self.write_capture_block(cbid)
         cfg = self.config
         rate = 0.0
         if cfg.clock_ratio:

@@ -150,3 +150,22 @@ def test_scripts_and_options(tmp_path):
     ])
     cfg = SimConfig.from_args(args)
     assert (cfg.antennas, cfg.channels, cfg.substreams, cfg.start) == (8, 1024, 64, True)
+
+
+async def test_capture_block_sensors_follow_the_controllers_capture_block(spec):
+    """Without a fixed capture block id, capture-start writes ``<cbid>_obs_*`` for the capture
+    block the controller named in ``sdp_capture_block_id`` (what CAM does on a telescope)."""
+    ts = telstate_aio.TelescopeState()
+    sim = SimService("127.0.0.1", 0, telstate=ts, name="sim", config=config(spec, max_dumps=2))
+    await sim.start()
+    try:
+        assert not await ts.keys("*_obs_activity")
+        await ts.add("sdp_capture_block_id", "1700000001")
+        await sim.capture_start()
+        await sim.wait_finished()
+        activity = await ts.get_range("1700000001_obs_activity", st=0)
+        assert [a for a, _ in activity][:2] == ["slew", "track"]
+        assert (await ts.get("1700000001_obs_params"))["experiment_id"] == "1700000001"
+        assert await ts.keys("*_obs_activity") == ["1700000001_obs_activity"]
+    finally:
+        await sim.stop()
