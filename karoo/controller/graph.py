@@ -242,8 +242,7 @@ def build_graph(
             "antennas": stream["n_antennas"], "channels": stream["n_chans"],
             "dump_period": stream["int_time"], "substreams": n_substreams, "start": False,
         }
-        if "script" in config.get("simulation", {}):
-            sim["script"] = config["simulation"]["script"]
+        sim.update(config.get("simulation", {}))  # script, clock_ratio, seed, ... (the schema's)
         tasks.append(Task(
             f"sim.{cbf}", "sim", sim,
             init=[Transition(INIT_SIM, "capture-start", (cbf,), 30.0)],

@@ -172,7 +172,17 @@ PRODUCT_CONFIG_SCHEMA: dict[str, Any] = {
         "simulation": {
             "type": "object",
             "additionalProperties": False,
-            "properties": {"script": {"type": "string", "minLength": 1}},
+            "properties": {
+                "script": {"type": "string", "minLength": 1},
+                # passed to the simulator (karoo sim options of the same names)
+                "clock_ratio": {"type": "number", "minimum": 0},
+                "seed": {"type": "integer"},
+                "snr": {"type": "number", "minimum": 0},
+                "rfi": {"type": "number", "minimum": 0},
+                "heap_loss": {"type": "number", "minimum": 0, "maximum": 1},
+                "max_dumps": {"type": "integer", "minimum": 0},
+                "truth_dir": {"type": "string"},
+            },
         },
     },
 }
@@ -290,13 +300,15 @@ def simulated_config(
     output_int_time: float = 1.0,
     continuum_factor: int = 16,
     script: str = "short",
+    simulation: dict[str, Any] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """A product configuration for a simulated correlator with the full SDP chain.
 
     Simulator -> ingest (spectral ``sdp_l0`` and, if `continuum_factor` > 1, continuum
     ``sdp_l0_continuum``) -> vis writer and cal -> flag writer (``sdp_l0_cal_flags``) -> meta
-    writer. `settings` become the ``config`` section (``store``, ``ingest_servers``, ...).
+    writer. `simulation` adds simulator settings (``clock_ratio``, ``seed``, ``truth_dir``, ...);
+    `settings` become the ``config`` section (``store``, ``ingest_servers``, ...).
     """
     cbf = "cbf_baseline_correlation_products"
     outputs: dict[str, Any] = {
@@ -313,7 +325,7 @@ def simulated_config(
             "type": "sdp.vis", "src_streams": [cbf], "output_int_time": output_int_time,
             "continuum_factor": continuum_factor, "archive": False}
     config = {"version": SCHEMA_VERSIONS[-1], "outputs": outputs,
-              "simulation": {"script": script}}
+              "simulation": {"script": script, **(simulation or {})}}
     if settings:
         config["config"] = settings
     return validate_config(config)
