@@ -308,7 +308,7 @@ def test_refant_choice_and_stickiness():
 
 
 def test_stefcal_shared_weights_and_initial_gains():
-    g, vis = simulate_gain_solves(12, 6, 0.2)
+    _, vis = simulate_gain_solves(12, 6, 0.2)
     rng = np.random.default_rng(12)
     per_bl = rng.uniform(0.5, 2.0, len(BLS)).astype(np.float32)
     shared = stefcal(vis, BLS, N_ANTS, weights=per_bl)
