@@ -57,10 +57,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-
-def _nominal(value) -> Sensor.Status:
-    return Sensor.Status.NOMINAL
-
 #: The CBF attributes ingest cannot run without (katsdpingest's critical set).
 CBF_KEYS = (
     "n_chans", "n_chans_per_substream", "n_accs", "bls_ordering", "bandwidth", "center_freq",
@@ -388,28 +384,24 @@ class IngestService(Service):
             "flagged": self.add_counter("output-flagged-total",
                                         "L0 spectral visibilities sent with any flag"),
         }
-        self._flagged_fraction = self._gauge(
+        self._flagged_fraction = self.add_gauge(
             "output-flagged-fraction", "fraction of flagged visibilities in the last output dump")
-        self._lost_fraction = self._gauge(
+        self._lost_fraction = self.add_gauge(
             "output-data-lost-fraction", "fraction of data_lost visibilities in the last output "
             "dump")
-        self._last_dump = self._gauge(
+        self._last_dump = self.add_gauge(
             "last-dump-timestamp", "UNIX time of the start of the last CBF dump received", "s")
         self._descriptors = Sensor(bool, "descriptors-received",
                                    "whether a CBF xeng_raw descriptor has been received",
                                    default=False, initial_status=Sensor.Status.NOMINAL)
         self.sensors.add(self._descriptors)
         self._shape = {
-            "n_bls": self._gauge("output-n-bls", "baselines in the L0 output", type_=int),
-            "n_chans": self._gauge("output-n-chans", "spectral channels emitted by this "
+            "n_bls": self.add_gauge("output-n-bls", "baselines in the L0 output", type_=int),
+            "n_chans": self.add_gauge("output-n-chans", "spectral channels emitted by this "
                                       "server", type_=int),
-            "int_time": self._gauge("output-int-time", "L0 dump period", "s"),
+            "int_time": self.add_gauge("output-int-time", "L0 dump period", "s"),
         }
 
-    def _gauge(self, *args, **kwargs) -> Sensor:
-        # karoo.service.add_gauge hands status_func=None on to aiokatcp, which calls it.
-        kwargs.setdefault("status_func", _nominal)
-        return self.add_gauge(*args, **kwargs)
 
     # -- set-up
 

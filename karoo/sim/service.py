@@ -36,10 +36,6 @@ __all__ = ["SCRIPTS", "SimConfig", "SimService", "add_commands", "load_script"]
 
 logger = logging.getLogger(__name__)
 
-
-def _nominal(value) -> Sensor.Status:
-    return Sensor.Status.NOMINAL
-
 _BCP_SUFFIX = "_baseline_correlation_products"
 #: Built-in observation scripts: name -> scans.
 SCRIPTS = {
@@ -187,15 +183,13 @@ class SimService(Service):
         self._bytes = self.add_counter("output-bytes-total", "CBF payload bytes sent", "B")
         self._dumps = self.add_counter("output-dumps-total", "CBF dumps sent")
         self._lost = self.add_counter("lost-heaps-total", "heaps dropped on purpose (heap loss)")
-        self._next = self._gauge("next-dump", "index of the next dump to send", type_=int)
+        self._next = self.add_gauge("next-dump", "index of the next dump to send", type_=int)
+        self.add_gauge("end-dump", "index after the last dump of the script", type_=int,
+                    default=self.end_dump)
         self._transmitting = Sensor(bool, "transmitting", "whether dumps are being sent",
                                     default=False, initial_status=Sensor.Status.NOMINAL)
         self.sensors.add(self._transmitting)
 
-    def _gauge(self, *args, **kwargs) -> Sensor:
-        # karoo.service.add_gauge hands status_func=None on to aiokatcp, which calls it.
-        kwargs.setdefault("status_func", _nominal)
-        return self.add_gauge(*args, **kwargs)
 
     @property
     def params(self) -> CBFStreamParams:
