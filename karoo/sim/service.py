@@ -272,8 +272,10 @@ class SimService(Service):
     async def capture_stop(self) -> None:
         """Stop sending after the current dump; send the stop heaps."""
         if self._task is None or self._task.done():
+            # Already stopped (the script may have ended): what was asked is true.
             self._task = None
-            raise FailReply("not sending")
+            logger.info("%s: capture-stop while not sending", self.name)
+            return
         self._stopping = True
         try:
             await self._task

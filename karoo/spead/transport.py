@@ -253,8 +253,8 @@ class InprocFanoutStream:
 
     Substream ``i`` is the queue name of endpoint ``i``; a heap sent to it goes to every queue
     registered under that name at the time of sending (readers that join later miss earlier
-    heaps, as with multicast). One spead2 stream per queue keeps each reader's heap counters
-    in the sequence set by `set_cnt_sequence`.
+    heaps, as with multicast), through one spead2 stream per queue, with heap counters from
+    the one sequence set by `set_cnt_sequence`.
     """
 
     def __init__(self, thread_pool: spead2.ThreadPool, names: list[str],
@@ -262,7 +262,7 @@ class InprocFanoutStream:
         self._pool = thread_pool
         self._names = names
         self._config = config
-        self._cnt_sequence: tuple[int, int] | None = None
+        self._next_cnt, self._cnt_step = 1, 1
         self._streams: dict[int, spead2.send.asyncio.InprocStream] = {}  # by id(queue)
 
     def _targets(self, substream_index: int) -> list[spead2.send.asyncio.InprocStream]:
@@ -271,18 +271,23 @@ class InprocFanoutStream:
             stream = self._streams.get(id(queue))
             if stream is None:
                 stream = spead2.send.asyncio.InprocStream(self._pool, [queue], self._config)
-                if self._cnt_sequence is not None:
-                    stream.set_cnt_sequence(*self._cnt_sequence)
                 self._streams[id(queue)] = stream
             targets.append(stream)
         return targets
 
     def set_cnt_sequence(self, next: int, step: int) -> None:
-        self._cnt_sequence = (next, step)
-        for stream in self._streams.values():
-            stream.set_cnt_sequence(next, step)
+        self._next_cnt, self._cnt_step = next, step
+
+    def _cnt(self, cnt: int) -> int:
+        # Counters are allocated here, not by the per-queue streams: a reader of several queues
+        # must see distinct counters, and every copy of a heap the same one.
+        if cnt >= 0:
+            return cnt
+        cnt, self._next_cnt = self._next_cnt, self._next_cnt + self._cnt_step
+        return cnt
 
     async def async_send_heap(self, heap, cnt: int = -1, substream_index: int = 0) -> int:
+        cnt = self._cnt(cnt)
         sizes = await asyncio.gather(*(stream.async_send_heap(heap, cnt)
                                        for stream in self._targets(substream_index)))
         return sizes[0] if sizes else 0
