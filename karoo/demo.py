@@ -161,7 +161,8 @@ async def observe(args, cbid: str, workdir: Path, store: str) -> Capture:
 
 
 def _rdb_path(store: str, cbid: str) -> str:
-    return f"{store.rstrip('/')}/{cbid}/{cbid}_{L0}.rdb"
+    # the full RDB: the light one (katsdpmetawriter's key set) has no calibration products
+    return f"{store.rstrip('/')}/{cbid}/{cbid}_{L0}.full.rdb"
 
 
 def report(capture: Capture, export: bool = True) -> None:
@@ -179,14 +180,10 @@ def report(capture: Capture, export: bool = True) -> None:
     missing = {k: v for k, v in ds.missing_chunks.items() if v}
     print(f"chunks never written: {missing or 'none'}")
 
-    raw = ds.raw_flags[:] if hasattr(ds, "raw_flags") else None
-    if raw is not None:
-        fractions = {name: float(np.mean(raw & np.uint8(bit) != 0))
-                     for bit, name in NAMES.items() if np.any(raw & np.uint8(bit))}
-        print("flagged: " + (", ".join(f"{n} {100 * v:.2f}%" for n, v in fractions.items())
-                             or "nothing"))
-    else:
-        print(f"flagged (any reason): {100 * float(np.mean(ds.flags[:])):.2f}%")
+    raw = ds.raw_flags[:]
+    fractions = {name: float(np.mean(raw & np.uint8(bit) != 0)) for name, bit in NAMES.items()}
+    print("flagged: " + (", ".join(f"{name} {100 * v:.2f}%" for name, v in fractions.items() if v)
+                         or "nothing"))
 
     calibration_summary(ds, capture)
 
