@@ -87,6 +87,7 @@ def write_dataset(
     dump_period: float | None = None,
     extra_keys: dict | None = None,
     seed: int = 1,
+    content: Callable[..., dict[str, np.ndarray]] | None = None,
 ) -> SyntheticDataset:
     """Write a synthetic capture-block stream and its RDB.
 
@@ -105,6 +106,8 @@ def write_dataset(
         blocks of chunks, never whole in memory).
     chunk_info
         Record ``chunk_info`` in telstate (False to make an incomplete RDB).
+    content
+        ``(n_dumps, n_chans, labels, seed, t0) -> arrays`` to replace :func:`make_content`.
     """
     sim = Simulator.create(n_ants=n_ants, n_chans=n_chans, script=script or short_script(),
                            rfi=None)
@@ -132,7 +135,7 @@ def write_dataset(
     for key, value in (extra_keys or {}).items():
         telstate.add(key, value, immutable=True)
     store = store or ChunkStore(store_dir)
-    content = {}
+    kept: dict[str, list] = {}
 
     async def write():
         stream_store = await store.create_stream(capture_block_id, stream, n_chans, n_bls,
@@ -141,10 +144,10 @@ def write_dataset(
             t_step = max(arr.chunks[0] for arr in stream_store.arrays.values())
             for t0 in range(0, n_dumps, t_step):
                 t1 = min(t0 + t_step, n_dumps)
-                data = make_content(t1 - t0, n_chans, labels, seed, t0)
+                data = (content or make_content)(t1 - t0, n_chans, labels, seed, t0)
                 if keep:
                     for name, value in data.items():
-                        content.setdefault(name, []).append(value)
+                        kept.setdefault(name, []).append(value)
                 writes = []
                 for name, arr in stream_store.arrays.items():
                     dt, dc = arr.chunks[:2]
@@ -168,7 +171,7 @@ def write_dataset(
     os.makedirs(rdb_dir, exist_ok=True)
     rdb = os.path.join(rdb_dir, f"{capture_block_id}_{stream}.rdb")
     telstate.dump(rdb)
-    arrays = {k: np.concatenate(v) for k, v in content.items()} if keep else {}
+    arrays = {k: np.concatenate(v) for k, v in kept.items()} if keep else {}
     return SyntheticDataset(rdb, os.fspath(store_dir) if not store.is_s3 else store.url,
                             capture_block_id, stream, telstate, sim,
                             arrays.get("correlator_data"), arrays.get("flags"),
