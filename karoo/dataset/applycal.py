@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import flags as flag_bits
-from .sensors import event_dumps
+from .sensors import event_dumps, hold_index
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +132,7 @@ def cal_channel_freqs(center_freq: float, bandwidth: float, n_chans: int) -> np.
 def _hold_by_dump(values: np.ndarray, times: np.ndarray, timestamps: np.ndarray,
                   dump_period: float) -> np.ndarray:
     """Piecewise-constant solutions: index of the solution in force at each dump."""
-    start = event_dumps(times, timestamps, dump_period)
-    index = np.searchsorted(start, np.arange(len(timestamps)), side="right") - 1
-    return np.clip(index, 0, len(values) - 1)
+    return hold_index(times, timestamps, dump_period)
 
 
 def build_cal_tables(view, inputs: list[str], freqs: np.ndarray, timestamps: np.ndarray,

@@ -14,7 +14,7 @@ from .. import flags as flag_bits
 from . import applycal as cal
 from .chunks import StoredArrays, StreamReader, stored_arrays
 from .geometry import Antenna, AntennaUVW, enu_from_reference, parse_target
-from .sensors import sample, scan_state
+from .sensors import event_dumps, greedy_for, sample, scan_state
 from .source import DataSourceNotFound, OpenedSource, open_source
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ class SensorCache:
                     raw = []
                 if not raw:
                     raise KeyError(f"no sensor {name!r} in the dataset's telstate")
-                values = sample(raw, d._timestamps, d.dump_period)
+                values = sample(raw, d._timestamps, d.dump_period, greedy_for(name))
             self._cache[name] = values
         return self._cache[name]
 
@@ -367,10 +367,18 @@ class DataSet:
             targets = [str(t) for t in self.sensor.get_full("cbf_target")]
         except KeyError:
             targets = [""] * n
+        # Label events (repeats count: each starts a compound scan) also start scans (katdal).
         try:
-            labels = [str(x) for x in self.sensor.get_full("obs_label")]
+            raw_labels = self._view.get_range("obs_label", st=0)
         except KeyError:
-            labels = [""] * n
+            raw_labels = []
+        label_at: dict[int, str] = {}
+        if raw_labels:
+            times = np.array([t for _, t in raw_labels])
+            dumps = np.clip(event_dumps(times, self._timestamps, self.dump_period), 0, None)
+            for (value, _), dump in zip(raw_labels, dumps, strict=True):
+                if dump < n:
+                    label_at[int(dump)] = str(_plain(value))
         self._target_descriptions: list[str] = []
         try:
             for value, _ in self._view.get_range("cbf_target", st=0):
@@ -383,30 +391,42 @@ class DataSet:
             if t and t not in self._target_descriptions:
                 self._target_descriptions.append(t)
         self.catalogue = [parse_target(t) for t in self._target_descriptions]
+        # Scans start where the activity changes, and at label events more than a dump away
+        # from such a start; each label event then moves to the nearest scan start (katdal).
+        starts = [i for i in range(n) if i == 0 or activity[i] != activity[i - 1]]
+        for dump in sorted(label_at):
+            if starts and min(abs(dump - x) for x in starts) > 1:
+                starts.append(dump)
+        starts = sorted(set(starts))
+        aligned: dict[int, str] = {}
+        for dump in sorted(label_at):
+            nearest = min(starts, key=lambda x, d=dump: (abs(x - d), x))
+            aligned[nearest] = label_at[dump]
         segments: list[_Segment] = []
-        for i in range(n):
-            if (not segments or activity[i] != segments[-1].state
-                    or labels[i] != segments[-1].label):
-                target = self._target_descriptions.index(targets[i]) if targets[i] else -1
-                segments.append(_Segment(i, i + 1, activity[i], target, labels[i]))
-            else:
-                segments[-1].stop = i + 1
+        compscan_starts = [0]
+        label = aligned.get(0, "")
+        for s_index, start in enumerate(starts):
+            stop = starts[s_index + 1] if s_index + 1 < len(starts) else n
+            if start in aligned:
+                label = aligned[start]
+                if start:
+                    compscan_starts.append(start)
+            target = self._target_descriptions.index(targets[start]) if targets[start] else -1
+            segments.append(_Segment(start, stop, activity[start], target, label))
         self._segments = segments
         self._scan_index = np.zeros(n, int)
         self._scan_state = np.empty(n, object)
         self._target_index = np.full(n, -1, int)
         self._label = np.empty(n, object)
         self._compscan_index = np.zeros(n, int)
-        compscan = -1
         for s, seg in enumerate(segments):
-            if s == 0 or seg.label != segments[s - 1].label:
-                compscan += 1
             dumps = slice(seg.start, seg.stop)
             self._scan_index[dumps] = s
             self._scan_state[dumps] = seg.state
             self._target_index[dumps] = seg.target
             self._label[dumps] = seg.label
-            self._compscan_index[dumps] = compscan
+        for start in compscan_starts[1:]:
+            self._compscan_index[start:] += 1
 
     def scans(self):
         """Iterate over the scans in the selection: yields ``(index, state, target)``.

@@ -29,36 +29,55 @@ def is_numeric(values: list) -> bool:
 
 
 def event_dumps(times: np.ndarray, timestamps: np.ndarray, dump_period: float) -> np.ndarray:
-    """Index of the dump from which each event applies: the dump during which it happened.
+    """Index of the dump during which each event happened (the first dump ending at or after it).
 
-    An event before the first dump applies from dump 0; one after the last dump from ``T``.
+    An event before the first dump gives 0 or less; one after the last dump gives ``T``.
     """
     ends = np.asarray(timestamps) + 0.5 * dump_period
-    return np.searchsorted(ends, np.asarray(times), side="right")
+    return np.searchsorted(ends, np.asarray(times), side="left")
 
 
-def hold(values: list, times: np.ndarray, timestamps: np.ndarray, dump_period: float) -> list:
-    """Categorical sensor at the dumps: each dump takes the last event up to its end.
+def hold_index(times: np.ndarray, timestamps: np.ndarray, dump_period: float,
+               greedy: np.ndarray | None = None) -> np.ndarray:
+    """For each dump, the index of the sample in force (see :func:`hold`)."""
+    n = len(timestamps)
+    events = event_dumps(times, timestamps, dump_period)
+    index = np.searchsorted(events, np.arange(n), side="right") - 1
+    index = np.clip(index, 0, len(times) - 1)
+    if greedy is not None and greedy.any():
+        # A greedy value in force at any time during a dump takes the dump (katdal's rule).
+        for dump in np.unique(events[(events >= 0) & (events < n)]):
+            first = np.searchsorted(events, dump, side="left")
+            last = np.searchsorted(events, dump, side="right") - 1
+            candidates = [k for k in range(max(first - 1, 0), last + 1) if greedy[k]]
+            if candidates:
+                index[dump] = candidates[-1]
+    return index
 
-    Dumps before the first event take the first value (katdal's ``initial_value`` rule); events
-    sharing a dump leave the last one.
+
+def hold(values: list, times: np.ndarray, timestamps: np.ndarray, dump_period: float,
+         greedy=None) -> list:
+    """Categorical sensor at the dumps: each dump takes the last event during or before it.
+
+    Dumps before the first event take the first value (katdal's ``initial_value`` rule). With
+    `greedy` (a predicate on values), a greedy value in force at any time during a dump takes it
+    (katdal's rule for ``slew`` and ``stop`` activities, so a scan never starts mid-slew).
     """
     if not values:
         raise ValueError("a sensor without samples cannot be sampled at the dumps")
-    start = event_dumps(times, timestamps, dump_period)
-    index = np.searchsorted(start, np.arange(len(timestamps)), side="right") - 1
-    index = np.clip(index, 0, len(values) - 1)
-    return [values[i] for i in index]
+    flags = None if greedy is None else np.array([bool(greedy(v)) for v in values])
+    return [values[i] for i in hold_index(times, timestamps, dump_period, flags)]
 
 
-def hold_index(times: np.ndarray, timestamps: np.ndarray, dump_period: float) -> np.ndarray:
-    """For each dump, the index of the sample :func:`hold` would give it."""
-    start = event_dumps(times, timestamps, dump_period)
-    index = np.searchsorted(start, np.arange(len(timestamps)), side="right") - 1
-    return np.clip(index, 0, len(times) - 1)
+def greedy_for(name: str):
+    """The greedy-value predicate katdal uses for a sensor (activities: slew and stop)."""
+    if name.endswith("activity"):
+        return lambda value: scan_state(str(value)) in ("slew", "stop")
+    return None
 
 
-def sample(raw: list[tuple], timestamps: np.ndarray, dump_period: float) -> np.ndarray:
+def sample(raw: list[tuple], timestamps: np.ndarray, dump_period: float,
+           greedy=None) -> np.ndarray:
     """A sensor's ``(value, time)`` samples at the dump timestamps.
 
     Numeric sensors are interpolated linearly (held flat beyond the ends); any other sensor is
@@ -75,7 +94,7 @@ def sample(raw: list[tuple], timestamps: np.ndarray, dump_period: float) -> np.n
     times, values = times[last], [v for v, keep in zip(values, last, strict=True) if keep]
     if is_numeric(values):
         return np.interp(timestamps, times, np.asarray(values, np.float64))
-    held = hold(values, times, timestamps, dump_period)
+    held = hold(values, times, timestamps, dump_period, greedy)
     if all(isinstance(v, str) for v in held):
         return np.array(held, dtype=str)
     out = np.empty(len(held), object)

@@ -65,8 +65,8 @@ def caldata(tmp_path_factory):
         data["correlator_data"] = (gi * np.conj(gj)).astype(np.complex64)
         return data
 
-    from karoo.sim import Simulator
     from karoo.dataset.synthetic import short_script
+    from karoo.sim import Simulator
 
     sim = Simulator.create(n_ants=N_ANTS, n_chans=N_CHANS, script=short_script(), rfi=None)
     freqs = cal_channel_freqs(sim.config.band.center_freq, sim.config.band.bandwidth, N_CHANS)
@@ -90,7 +90,7 @@ def caldata(tmp_path_factory):
     half = N_CHANS // 2
     ts.add(f"{cb}_cal_product_B0", bp[:half], ts=t_first)
     ts.add(f"{cb}_cal_product_B1", bp[half:], ts=t_first)
-    solution_dumps = np.arange(0, syn.n_dumps, 17).tolist() + [syn.n_dumps - 1]
+    solution_dumps = [*range(0, syn.n_dumps, 17), syn.n_dumps - 1]
     for d in solution_dumps:
         g = truth.gain([d])[0].astype(np.complex64)
         if d == 34:
