@@ -9,7 +9,7 @@
 
 from .applycal import CalibrationError
 from .chunks import ChunkReadError
-from .dataset import DataSet, LazyArray, SensorCache, open
+from .dataset import DataSet, LazyArray, SensorCache, get, open
 from .geometry import Antenna, AntennaUVW
 from .source import DataSourceNotFound
 
@@ -22,5 +22,6 @@ __all__ = [
     "DataSourceNotFound",
     "LazyArray",
     "SensorCache",
+    "get",
     "open",
 ]

@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import flags as flag_bits
 from . import applycal as cal
+from . import kernels
 from .chunks import StoredArrays, StreamReader, stored_arrays
 from .geometry import Antenna, AntennaUVW, enu_from_reference, parse_target
 from .sensors import event_dumps, greedy_for, sample, scan_state
@@ -98,7 +99,8 @@ class LazyArray:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, key) -> np.ndarray:
+    def _indexed(self, key) -> tuple[da.Array, list[int]]:
+        """The Dask array of ``self[key]`` (outer indexing) and the axes to squeeze."""
         key = key if isinstance(key, tuple) else (key,)
         if any(k is Ellipsis for k in key):
             i = key.index(Ellipsis)
@@ -120,18 +122,53 @@ class LazyArray:
                     k = np.flatnonzero(k)
             if not (isinstance(k, slice) and k == slice(None)):
                 x = x[(slice(None),) * axis + (k,)]
-        out = x.compute()
-        return out.squeeze(axis=tuple(squeeze)) if squeeze else out
+        return x, squeeze
+
+    def __getitem__(self, key) -> np.ndarray:
+        return get([self], key)[0]
 
     def __array__(self, dtype=None, copy=None):
-        out = self.dask.compute()
+        out = self.compute()
         return out if dtype is None else out.astype(dtype)
 
     def compute(self) -> np.ndarray:
-        return self.dask.compute()
+        return get([self], ())[0]
 
     def __repr__(self) -> str:
         return f"<LazyArray {self.name} shape={self.shape} dtype={self.dtype}>"
+
+
+def get(arrays: list[LazyArray], index=(), out: list[np.ndarray] | None = None
+        ) -> list[np.ndarray]:
+    """Read several lazy arrays of a dataset at the same index, in one pass.
+
+    Like katdal's ``DaskLazyIndexer.get``: the chunks the arrays share (weights need the
+    autocorrelations) are read once, and the blocks are written into the outputs by the worker
+    threads, in parallel, rather than assembled at the end.
+
+    Parameters
+    ----------
+    arrays
+        E.g. ``[d.vis, d.flags, d.weights]``.
+    index
+        Outer index applied to each (as ``d.vis[index]``).
+    out
+        Arrays of the right shapes and dtypes to read into (reusing them saves the cost of
+        fresh memory), as in katdal.
+
+    Returns
+    -------
+    list of ndarray
+    """
+    sources, squeezes = zip(*(a._indexed(index) for a in arrays), strict=True)
+    outputs = out if out is not None else [np.empty(x.shape, x.dtype) for x in sources]
+    for x, o in zip(sources, outputs, strict=True):
+        if o.shape != x.shape or o.dtype != x.dtype:
+            raise ValueError(f"output {o.shape} {o.dtype} does not fit {x.shape} {x.dtype}")
+    if any(x.size for x in sources):
+        da.store(list(sources), outputs, lock=False)
+    return [out.squeeze(axis=tuple(sq)) if sq else out
+            for out, sq in zip(outputs, squeezes, strict=True)]
 
 
 class SensorCache:
@@ -781,7 +818,7 @@ class DataSet:
         weights = stored["weights"]
         channel = stored["weights_channel"]
         if not self.need_weights_power_scale:
-            return da.blockwise(_scale_weights, "tfb", weights, "tfb", channel, "tf",
+            return da.blockwise(kernels.stored_weights, "tfb", weights, "tfb", channel, "tf",
                                 dtype=np.float32)
         _, in1, in2 = self._input_indices()
         autos = {a: k for k, (a, b) in enumerate(self._corr_products) if a == b}
@@ -790,11 +827,12 @@ class DataSet:
         if missing:
             raise ValueError("weights need scaling by autocorrelation power but the data have no "
                              f"autocorrelation for {', '.join(missing)}")
-        auto_of = np.array([autos[x] for x in inputs], np.int64)
-        a1 = da.from_array(auto_of[in1], chunks=-1)
-        a2 = da.from_array(auto_of[in2], chunks=-1)
-        return da.blockwise(_power_scaled_weights, "tfb", weights, "tfb", channel, "tf",
-                            stored["correlator_data"], "tfb", a1, "b", a2, "b", dtype=np.float32)
+        auto_of = da.from_array(np.array([autos[x] for x in inputs], np.int64), chunks=-1)
+        i1 = da.from_array(in1, chunks=-1)
+        i2 = da.from_array(in2, chunks=-1)
+        return da.blockwise(kernels.power_scaled_weights, "tfb", weights, "tfb", channel, "tf",
+                            stored["correlator_data"], "tfb", auto_of, "i", i1, "b", i2, "b",
+                            dtype=np.float32, concatenate=True)
 
     def _cal(self) -> cal.CalTables | None:
         products, explicit = self._applycal
@@ -1067,19 +1105,6 @@ def _intent(target) -> str:
     if "delaycal" in tags and not intents:
         intents.append("CALIBRATE_DELAY")
     return ",".join(intents) or "TARGET"
-
-
-def _scale_weights(weights: np.ndarray, channel: np.ndarray) -> np.ndarray:
-    return weights.astype(np.float32) * channel[:, :, None]
-
-
-def _power_scaled_weights(weights, channel, vis, auto1, auto2) -> np.ndarray:
-    stored = weights.astype(np.float32) * channel[:, :, None]
-    power = vis[..., auto1].real * vis[..., auto2].real
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.reciprocal(power)
-    scale[~np.isfinite(scale)] = 2.0**-32
-    return (stored * scale).astype(np.float32)
 
 
 def _flag_bool(flags: np.ndarray, mask: np.uint8) -> np.ndarray:
