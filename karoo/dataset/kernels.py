@@ -8,7 +8,7 @@ from numba import njit
 TINY_SCALE = np.float32(2.0**-32)  # katdal's scale where the autocorrelation power is unusable
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _weights(weights, channel, vis, auto_index, in1, in2, out):
     n_t, n_f, n_b = weights.shape
     n_in = auto_index.shape[0]
@@ -25,7 +25,7 @@ def _weights(weights, channel, vis, auto_index, in1, in2, out):
                 out[t, f, b] = np.float32(weights[t, f, b]) * c * s
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _weights_unscaled(weights, channel, out):
     n_t, n_f, n_b = weights.shape
     for t in range(n_t):
