@@ -146,3 +146,19 @@ def test_applycal_missing_products(tmp_path):
     syn = write_dataset(tmp_path, n_ants=2, n_chans=16)
     with pytest.raises(CalibrationError, match="antlist"):
         karoo.open(syn.rdb, applycal="default").vis[0]
+
+
+def test_export_corrected_data(caldata, tmp_path):
+    from casacore import tables
+
+    from karoo.dataset.cli import export
+
+    syn, _ = caldata
+    d = karoo.open(syn.rdb)
+    d.select(channels=slice(EDGE, N_CHANS - EDGE), scans="track", targets="SIM-GCAL")
+    export(d.export_source(applycal="all"), str(tmp_path / "cal.ms"), progress=False)
+    with tables.table(str(tmp_path / "cal.ms"), ack=False) as ms:
+        corrected = ms.getcol("CORRECTED_DATA")
+        data = ms.getcol("DATA")
+    np.testing.assert_allclose(corrected, 1.0, atol=1e-3)
+    assert np.abs(data - 1).max() > 0.1  # DATA stays raw
