@@ -145,6 +145,30 @@ class StreamReader:
         chunk = chunk.reshape(arr.chunks)
         return chunk[tuple(slice(0, s.stop - s.start) for s in slices)]
 
+    def read_into(self, name: str, index: tuple[int, ...], dest: np.ndarray) -> bool:
+        """Read the leading part of a stored chunk straight into `dest` (C-contiguous, the
+        chunk's shape except maybe fewer dumps), if the chunk is plain bytes on local disk.
+
+        Returns False (reading nothing) when that is not possible.
+        """
+        arr = self.array(name)
+        plan = self._raw_plan(arr)
+        if (plan is None or plan[1] is not None or not dest.flags.c_contiguous
+                or dest.dtype != arr.dtype or dest.shape[1:] != arr.chunks[1:]):
+            return False
+        path = os.path.join(plan[0], arr.metadata.encode_chunk_key(index))
+        try:
+            with open(path, "rb") as f:
+                n = f.readinto(memoryview(dest).cast("B"))
+            if n != dest.nbytes:
+                raise ValueError(f"{path} holds {n} bytes, expected at least {dest.nbytes}")
+        except Exception as exc:
+            raise ChunkReadError(
+                f"chunk {name}{list(index)} of {self.capture_block_id}_{self.stream} exists but "
+                f"could not be read from {self.store.url}: {type(exc).__name__}: {exc}"
+            ) from exc
+        return True
+
     def read(self, name: str, slices: tuple[slice, ...]) -> np.ndarray:
         try:
             arr = self.array(name)
@@ -199,6 +223,10 @@ class StoredArrays:
         ``(n_time_blocks, n_chan_blocks)`` bool: blocks flagged ``data_lost`` for that reason.
     time_bounds, chan_bounds
         Block boundaries of the common grid.
+    reader
+        The stream's reader.
+    chunk_shape, missing
+        Stored chunk shape and the grid of chunks never written, per array.
     """
 
     arrays: dict[str, da.Array]
@@ -206,6 +234,20 @@ class StoredArrays:
     lost_blocks: np.ndarray
     time_bounds: np.ndarray
     chan_bounds: np.ndarray
+    reader: StreamReader | None = None
+    chunk_shape: dict[str, tuple[int, ...]] | None = None
+    missing: dict[str, np.ndarray] | None = None
+    n_bls: int = 0
+
+    def read_chunk(self, name: str, index: tuple[int, ...]) -> np.ndarray:
+        """One stored chunk (clipped to the dataset), or its fill value if never written."""
+        shape = self.chunk_shape[name]
+        extent = (int(self.time_bounds[-1]), int(self.chan_bounds[-1]), self.n_bls)
+        slices = tuple(slice(i * c, min((i + 1) * c, n))
+                       for i, c, n in zip(index, shape, extent, strict=False))
+        spec = ARRAYS[name]
+        return _read_chunk(self.reader, name, slices, not self.missing[name][index],
+                           spec.dtype.str, spec.fill_value)
 
 
 def stored_arrays(reader: StreamReader, n_dumps: int) -> StoredArrays:
@@ -261,4 +303,6 @@ def stored_arrays(reader: StreamReader, n_dumps: int) -> StoredArrays:
         logger.warning("%s_%s: %s chunks never written; their data read as flagged data_lost",
                        reader.capture_block_id, reader.stream,
                        ", ".join(f"{n} {c}" for n, c in missing_count.items() if c))
-    return StoredArrays(arrays, missing_count, lost, time_bounds, chan_bounds)
+    chunk_shape = {name: reader.array(name).chunks for name in raw}
+    return StoredArrays(arrays, missing_count, lost, time_bounds, chan_bounds, reader,
+                        chunk_shape, missing_grid, n_bls)

@@ -69,10 +69,46 @@ class LazyArray:
     only the chunks of those dumps. ``.dask`` gives the Dask array.
     """
 
-    def __init__(self, full: da.Array, index: tuple, name: str) -> None:
+    def __init__(self, full: da.Array, index: tuple, name: str, direct=None) -> None:
         self._full = full
         self._index = index
         self.name = name
+        # (dataset, kind) when the plain direct reader can serve this array (see `get`)
+        self._direct = direct
+
+    def _direct_plan(self, key):
+        """Global ``(dumps range, channels range, corrprods or None, squeeze)`` of
+        ``self[key]`` when they are contiguous (the direct reader's case), else None."""
+        key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis for k in key):
+            i = key.index(Ellipsis)
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1:]
+        if len(key) > self.ndim:
+            raise IndexError(f"too many indices for a {self.ndim}-d array")
+        key = key + (slice(None),) * (self.ndim - len(key))
+        axes, squeeze = [], []
+        for axis, (sel, k, n) in enumerate(zip(self._index, key, self._full.shape,
+                                               strict=True)):
+            index = np.arange(n)[sel]
+            if isinstance(k, (int, np.integer)):
+                if not -len(index) <= k < len(index):
+                    raise IndexError(f"index {k} out of range for axis {axis} of size "
+                                     f"{len(index)}")
+                index = index[[int(k)]]
+                squeeze.append(axis)
+            else:
+                k = k if isinstance(k, slice) else np.asarray(k)
+                index = index[k]
+            axes.append(index)
+        dumps, chans, corrprods = axes
+        ranges = []
+        for index in (dumps, chans):
+            if len(index) and not np.all(np.diff(index) == 1):
+                return None
+            ranges.append(range(int(index[0]), int(index[-1]) + 1) if len(index) else None)
+        if corrprods.size == self._full.shape[2] and np.all(corrprods == np.arange(corrprods.size)):
+            corrprods = None
+        return ranges[0], ranges[1], corrprods, squeeze
 
     @property
     def dask(self) -> da.Array:
@@ -160,6 +196,9 @@ def get(arrays: list[LazyArray], index=(), out: list[np.ndarray] | None = None
     -------
     list of ndarray
     """
+    direct = _get_direct(arrays, index, out)
+    if direct is not None:
+        return direct
     sources, squeezes = zip(*(a._indexed(index) for a in arrays), strict=True)
     outputs = out if out is not None else [np.empty(x.shape, x.dtype) for x in sources]
     for x, o in zip(sources, outputs, strict=True):
@@ -169,6 +208,33 @@ def get(arrays: list[LazyArray], index=(), out: list[np.ndarray] | None = None
         da.store(list(sources), outputs, lock=False)
     return [out.squeeze(axis=tuple(sq)) if sq else out
             for out, sq in zip(outputs, squeezes, strict=True)]
+
+
+def _get_direct(arrays, index, out) -> list[np.ndarray] | None:
+    """`get` by the direct reader (:mod:`karoo.dataset.direct`) when it applies, else None."""
+
+    if not arrays or any(a._direct is None for a in arrays):
+        return None
+    dataset = arrays[0]._direct[0]
+    if any(a._direct[0] is not dataset for a in arrays):
+        return None
+    plans = [a._direct_plan(index) for a in arrays]
+    if any(p is None for p in plans) or any(
+            p[0] != plans[0][0] or p[1] != plans[0][1] or not np.array_equal(
+                p[2] if p[2] is not None else [], plans[0][2] if plans[0][2] is not None else [])
+            for p in plans):
+        return None
+    dumps, chans, corrprods, squeeze = plans[0]
+    n_b = arrays[0]._full.shape[2] if corrprods is None else len(corrprods)
+    shape = (len(dumps) if dumps else 0, len(chans) if chans else 0, n_b)
+    outputs = out if out is not None else [np.empty(shape, a.dtype) for a in arrays]
+    for a, o in zip(arrays, outputs, strict=True):
+        if o.shape != shape or o.dtype != a.dtype:
+            raise ValueError(f"output {o.shape} {o.dtype} does not fit {shape} {a.dtype}")
+    if all(shape):
+        kinds = [a._direct[1] for a in arrays]
+        dataset._read_direct(kinds, dumps, chans, corrprods, outputs)
+    return [o.squeeze(axis=tuple(squeeze)) if squeeze else o for o in outputs]
 
 
 class SensorCache:
@@ -814,12 +880,8 @@ class DataSet:
         in2 = np.array([where[b] for b in self._corr_products[:, 1]], np.int64)
         return inputs, in1, in2
 
-    def _raw_weights(self, stored: dict[str, da.Array]) -> da.Array:
-        weights = stored["weights"]
-        channel = stored["weights_channel"]
-        if not self.need_weights_power_scale:
-            return da.blockwise(kernels.stored_weights, "tfb", weights, "tfb", channel, "tf",
-                                dtype=np.float32)
+    def _power_scale_indices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Autocorrelation product of each input, and each product's two inputs."""
         _, in1, in2 = self._input_indices()
         autos = {a: k for k, (a, b) in enumerate(self._corr_products) if a == b}
         inputs = sorted(set(self._corr_products.ravel()))
@@ -827,7 +889,16 @@ class DataSet:
         if missing:
             raise ValueError("weights need scaling by autocorrelation power but the data have no "
                              f"autocorrelation for {', '.join(missing)}")
-        auto_of = da.from_array(np.array([autos[x] for x in inputs], np.int64), chunks=-1)
+        return np.array([autos[x] for x in inputs], np.int64), in1, in2
+
+    def _raw_weights(self, stored: dict[str, da.Array]) -> da.Array:
+        weights = stored["weights"]
+        channel = stored["weights_channel"]
+        if not self.need_weights_power_scale:
+            return da.blockwise(kernels.stored_weights, "tfb", weights, "tfb", channel, "tf",
+                                dtype=np.float32)
+        auto_index, in1, in2 = self._power_scale_indices()
+        auto_of = da.from_array(auto_index, chunks=-1)
         i1 = da.from_array(in1, chunks=-1)
         i2 = da.from_array(in2, chunks=-1)
         return da.blockwise(kernels.power_scaled_weights, "tfb", weights, "tfb", channel, "tf",
@@ -902,31 +973,41 @@ class DataSet:
     def _selection(self) -> tuple:
         return (_index(self._time_keep), _index(self._freq_keep), _index(self._corrprod_keep))
 
+    def _lazy(self, kind: str, full: da.Array) -> LazyArray:
+        # Calibrated data always go through the Dask graph; plain reads may go direct.
+        direct = None if self._applycal[0] else (self, kind)
+        return LazyArray(full, self._selection(), kind, direct)
+
     @property
     def vis(self) -> LazyArray:
         """Complex64 visibilities of the selection (calibrated when opened with applycal)."""
-        full = self._full_arrays(bool(self._applycal[0]))["vis"]
-        return LazyArray(full, self._selection(), "vis")
+        return self._lazy("vis", self._full_arrays(bool(self._applycal[0]))["vis"])
 
     @property
     def weights(self) -> LazyArray:
         """Float32 weights: the stored uint8 x weights_channel, power-scaled if needed."""
-        full = self._full_arrays(bool(self._applycal[0]))["weights"]
-        return LazyArray(full, self._selection(), "weights")
+        return self._lazy("weights", self._full_arrays(bool(self._applycal[0]))["weights"])
 
     @property
     def raw_flags(self) -> LazyArray:
         """The uint8 flag bits of the selection."""
-        full = self._full_arrays(bool(self._applycal[0]))["flags"]
-        return LazyArray(full, self._selection(), "raw_flags")
+        return self._lazy("raw_flags", self._full_arrays(bool(self._applycal[0]))["flags"])
 
     @property
     def flags(self) -> LazyArray:
         """Bool flags: any of the selected flag bits set (``select(flags=...)``)."""
         full = self._full_arrays(bool(self._applycal[0]))["flags"]
         mask = np.uint8(self._flag_mask)
-        return LazyArray(da.map_blocks(_flag_bool, full, mask, dtype=bool), self._selection(),
-                         "flags")
+        return self._lazy("flags", da.map_blocks(_flag_bool, full, mask, dtype=bool))
+
+    def _read_direct(self, kinds, dumps: range, chans: range, corrprods, outputs) -> None:
+        from .direct import read_into
+
+        power_scale = None
+        if "weights" in kinds and self.need_weights_power_scale:
+            power_scale = self._power_scale_indices()
+        read_into(self._stored_arrays(), kinds, dumps, chans, corrprods, outputs,
+                  self._flag_mask, power_scale)
 
     # --- views -------------------------------------------------------------------------------
 

@@ -181,6 +181,8 @@ def test_missing_and_corrupt_chunks(tmp_path):
     assert d.missing_chunks == {"correlator_data": 1, "flags": 0, "weights": 0,
                                 "weights_channel": 1}
     raw = d.raw_flags[:]
+    np.testing.assert_array_equal(raw, d.raw_flags.dask.compute())
+    np.testing.assert_array_equal(d.weights[:], d.weights.dask.compute())
     lost = np.zeros(raw.shape[:2], bool)
     lost[6:8, 16:32] = True  # vis chunk (3, 1)
     lost[16:32, :] = True  # weights_channel chunk (1, 0)
@@ -226,3 +228,19 @@ def test_live_redis(dataset, redis_url):
     np.testing.assert_array_equal(d.vis[:], dataset.vis[:4])
     d2 = pickle.loads(pickle.dumps(d))
     assert d2.sensor["obs_activity"][0] == "slew"
+
+
+@pytest.mark.parametrize("selection", [{}, {"dumps": slice(5, 40), "channels": slice(3, 50)},
+                                       {"ants": "m002", "scans": "track"},
+                                       {"channels": [1, 5, 6], "corrprods": "cross"}])
+def test_direct_reader_matches_dask_graph(dataset, selection):
+    d = karoo.open(dataset.rdb)
+    d.select(**selection)
+    arrays = [d.vis, d.flags, d.raw_flags, d.weights]
+    direct = karoo.dataset.get(arrays, np.s_[2:9])
+    for array, got in zip(arrays, direct, strict=True):
+        np.testing.assert_array_equal(got, array.dask[2:9].compute())
+    out = [np.empty_like(x) for x in direct]
+    karoo.dataset.get(arrays, np.s_[2:9], out=out)
+    for a, b in zip(out, direct, strict=True):
+        np.testing.assert_array_equal(a, b)
