@@ -107,7 +107,7 @@ def power_scaled_weights_into(weights, channel, vis, auto_index, in1, in2, bsel,
             dest = out[t, f]
             if ok:
                 for k in range(n_k):
-                    dest[k] = np.float32(row[bsel[k]]) * (c * inv[i1[k]] * inv[i2[k]])
+                    dest[k] = np.float32(row[bsel[k]]) * c * (inv[i1[k]] * inv[i2[k]])
             else:
                 for k in range(n_k):
                     s = inv[i1[k]] * inv[i2[k]]
