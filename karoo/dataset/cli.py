@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 logger = logging.getLogger(__name__)
@@ -130,87 +129,25 @@ def run_export_ms(args) -> int:
         print(f"karoo export-ms: the selection is empty {ds.shape}: nothing to export",
               file=sys.stderr)
         return 1
-    source = ds.export_source(applycal=args.applycal or None, into=args.applycal_into)
+    source = ds.export_source(applycal=args.applycal or None)
     slice_index = n_slices = None
     if args.slice is not None:
         slice_index, n_slices = args.slice
     elif args.slices:
         n_slices = args.slices
     export(source, args.out, n_slices=n_slices, slice_index=slice_index,
-           scheduler=args.scheduler, progress=not args.no_progress)
+           scheduler=args.scheduler, progress=not args.no_progress,
+           calibrated=args.applycal_into)
     return 0
 
 
 def export(source, out: str, *, n_slices=None, slice_index=None, scheduler=None,
-           progress=True) -> None:
-    """Hand an ExportSource to the MS exporter (``karoo.ms.export.export_ms`` when present)."""
-    from ..ms import export as export_module
+           progress=True, calibrated: str = "CORRECTED_DATA"):
+    """Hand an ExportSource to the MS exporter (:func:`karoo.ms.export.export_ms`)."""
+    from ..ms.export import export_ms
 
-    export_ms = getattr(export_module, "export_ms", None)
-    if export_ms is not None:
-        export_ms(source, out, n_slices=n_slices, slice_index=slice_index, scheduler=scheduler,
-                  progress=progress)
-        return
-    _export_serial(source, out, n_slices=n_slices, slice_index=slice_index, progress=progress)
-
-
-def _export_serial(source, out, *, n_slices=None, slice_index=None, progress=True) -> None:
-    """Stand-in exporter until ``export_ms`` lands: slices one after the other, in-process."""
-    import dask
-
-    from ..ms import DumpBlock, append_dumps, create_ms, plan_slices
-
-    meta = source.meta
-    if not n_slices:
-        jobs = [(out, range(meta.n_dumps))]
-    else:
-        plan = plan_slices(meta.n_dumps, source.bytes_per_dump, n_slices)
-        if slice_index is not None:
-            jobs = [(out, plan[slice_index])]
-        else:
-            jobs = [(_slice_path(out, k, len(plan)), dumps) for k, dumps in enumerate(plan)]
-    for path, dumps in jobs:
-        bar = _progress_bar(len(dumps), os.path.basename(str(path))) if progress else None
-
-        def blocks(dumps=dumps, step=8):
-            for start in range(dumps.start, dumps.stop, step):
-                sl = slice(start, min(start + step, dumps.stop))
-                corrected = None if source.corrected is None else source.corrected[sl]
-                arrays = [source.vis[sl], source.flags[sl], source.weights[sl]]
-                if corrected is not None:
-                    arrays.append(corrected)
-                values = dask.compute(*arrays)
-                yield DumpBlock(first_dump=start, vis=values[0], flags=values[1],
-                                weights=values[2],
-                                corrected=values[3] if corrected is not None else None)
-
-        def report(done, total, bar=bar):
-            if bar is not None:
-                bar.n = done
-                bar.refresh()
-
-        writer = create_ms(path, meta, corrected_data=source.corrected is not None)
-        with writer:
-            append_dumps(writer, blocks(), progress=report, total_dumps=len(dumps))
-        if bar is not None:
-            bar.close()
-    if n_slices and slice_index is None:
-        from ..ms import concat_slices
-
-        concat_slices([path for path, _ in jobs], out)
-
-
-def _slice_path(out: str, k: int, n: int) -> str:
-    root, ext = os.path.splitext(os.fspath(out))
-    return f"{root}_{k:0{len(str(n - 1))}d}of{n}{ext or '.ms'}"
-
-
-def _progress_bar(total: int, what: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=what, unit="dump", file=sys.stderr)
+    return export_ms(source, out, n_slices=n_slices, slice_index=slice_index,
+                     scheduler=scheduler, progress=progress, calibrated=calibrated)
 
 
 def add_commands(subparsers) -> None:

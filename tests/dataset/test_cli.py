@@ -39,6 +39,18 @@ def test_export_ms(dataset, tmp_path):
     field.close()
 
 
+def test_export_ms_parallel_slices_equal_whole(dataset, tmp_path):
+    args = [dataset.rdb, "--channels", "0:16", "--ants", "m000,m001", "--no-progress"]
+    assert main(["export-ms", *args[:1], str(tmp_path / "whole.ms"), *args[1:]]) == 0
+    assert main(["export-ms", *args[:1], str(tmp_path / "par.ms"), *args[1:],
+                 "--slices", "2"]) == 0
+    with tables.table(str(tmp_path / "whole.ms"), ack=False) as whole, \
+            tables.table(str(tmp_path / "par.ms"), ack=False) as par:
+        assert whole.nrows() == par.nrows() > 0
+        for column in ("DATA", "FLAG", "WEIGHT_SPECTRUM", "UVW", "TIME", "SCAN_NUMBER"):
+            np.testing.assert_array_equal(whole.getcol(column), par.getcol(column))
+
+
 def test_export_ms_slice_and_empty(dataset, tmp_path, capsys):
     out = tmp_path / "slice.ms"
     assert main(["export-ms", dataset.rdb, str(out), "--slice", "1/3", "--channels", "0:8",
