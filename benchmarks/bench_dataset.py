@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -83,6 +85,16 @@ def read_katdal(rdb: str, block: int, reuse: bool = False) -> int:
     return n
 
 
+def median_cpu(func, reps: int) -> float:
+    """Median CPU time (this process, all threads) of `func` over `reps` runs."""
+    times = []
+    for _ in range(reps):
+        start = time.process_time()
+        func()
+        times.append(time.process_time() - start)
+    return statistics.median(times)
+
+
 def child(which: str, rdb: str, block: int) -> None:
     """Run one read in this (fresh) process and print its peak RSS."""
     import logging
@@ -132,6 +144,11 @@ def main() -> None:
             t_katdal = median_time(lambda r=reuse: read_katdal(rdb, block, r), reps)
             report(f"full read vis+flags+weights, {how} ({shape})", size / t_karoo / 1e9,
                    ANCHOR, size / t_katdal / 1e9, "GB/s", reps)
+        # CPU seconds (all threads) per GB: what the read costs a shared machine
+        c_karoo = median_cpu(lambda: read_karoo(rdb, block), reps)
+        c_katdal = median_cpu(lambda: read_katdal(rdb, block), reps)
+        report(f"full read vis+flags+weights per CPU second ({shape})", size / c_karoo / 1e9,
+               ANCHOR, size / c_katdal / 1e9, "GB/CPU-s", reps)
         rdb4 = make(root / "large", n_ants, n_chans, 4 * seconds)
         for label, path in (("1x", rdb), ("4x", rdb4)):
             ours, theirs = peak_rss("karoo", path, block), peak_rss("katdal", path, block)

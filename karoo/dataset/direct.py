@@ -29,7 +29,9 @@ def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+            # More threads than cores: a thread waiting for a chunk (S3 latency, disk) should
+            # not leave a core idle; the kernels release the GIL.
+            _POOL = ThreadPoolExecutor(max_workers=max(8, 2 * (os.cpu_count() or 2)),
                                        thread_name_prefix="karoo-read")
         return _POOL
 
