@@ -241,6 +241,10 @@ def _find_store(telstate, cbid: str, stream: str, chunk_store, location: str | N
         return _store_spec_of(chunk_store)
     if chunk_store is not None:
         return StoreSpec(os.fspath(chunk_store), opts)
+    parsed = urllib.parse.urlsplit(location) if location is not None else None
+    if parsed is not None and parsed.scheme in ("http", "https"):
+        # an RDB served by the archive's S3 gateway: its chunks are on the same service
+        opts.setdefault("endpoint_url", f"{parsed.scheme}://{parsed.netloc}")
     s3_endpoint = telstate.get(f"{stream}_s3_endpoint_url")
     if s3_endpoint and "endpoint_url" not in opts:
         opts["endpoint_url"] = _decode(s3_endpoint)
@@ -248,8 +252,7 @@ def _find_store(telstate, cbid: str, stream: str, chunk_store, location: str | N
     if url:
         return StoreSpec(_decode(url), opts)
     prefix = stream_prefix(cbid, stream)
-    if location is not None:
-        parsed = urllib.parse.urlsplit(location)
+    if parsed is not None:
         parts = parsed.path.strip("/").split("/")
         if parsed.scheme in ("", "file"):
             path = parsed.path if parsed.scheme else location
@@ -261,7 +264,6 @@ def _find_store(telstate, cbid: str, stream: str, chunk_store, location: str | N
             whole = [parsed.netloc, *parts][:-2]
             return StoreSpec("s3://" + "/".join(whole), opts)
         elif parsed.scheme in ("http", "https"):
-            opts.setdefault("endpoint_url", f"{parsed.scheme}://{parsed.netloc}")
             return StoreSpec("s3://" + "/".join(parts[:-2]), opts)
     if s3_endpoint:
         return StoreSpec("s3://", opts)

@@ -37,6 +37,11 @@ def test_open_rdb_on_s3(s3, tmp_path):
     assert d.missing_chunks["correlator_data"] == 0
     np.testing.assert_array_equal(d.vis[:], syn.vis)
     np.testing.assert_array_equal(d.raw_flags[:], syn.flags)
+    # the archive's way: the RDB over plain HTTP(S) from the S3 gateway, chunks from the same
+    client.put_object_acl(Bucket=cbid, Key=f"{cbid}_sdp_l0.rdb", ACL="public-read")
+    del options["s3_endpoint_url"]
+    d2 = karoo.open(f"{s3.endpoint_url}/{cbid}/{cbid}_sdp_l0.rdb", **options)
+    np.testing.assert_array_equal(d2.weights[:], d.weights[:])
     # a server that stops answering is an error naming the chunk, not lost data
     s3.stop_gateway()
     try:
