@@ -949,7 +949,17 @@ class DataSet:
                                  [tables_d])
 
     def _full_arrays(self, applycal: bool) -> dict[str, da.Array]:
-        """Unselected (T, F, B) vis, flag bits and weights; corrected if `applycal`."""
+        """Unselected (T, F, B) vis, flag bits and weights; corrected if `applycal`.
+
+        Built once per calibration (selections only index them).
+        """
+        key = (applycal, self._applycal if applycal else None)
+        cached = self.__dict__.setdefault("_full_cache", {})
+        if key not in cached:
+            cached[key] = self._build_full_arrays(applycal)
+        return cached[key]
+
+    def _build_full_arrays(self, applycal: bool) -> dict[str, da.Array]:
         stored = self._stored_arrays()
         arrays = stored.arrays
         vis, flags_raw = arrays["correlator_data"], arrays["flags"]
