@@ -244,3 +244,15 @@ def test_direct_reader_matches_dask_graph(dataset, selection):
     karoo.dataset.get(arrays, np.s_[2:9], out=out)
     for a, b in zip(out, direct, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_open_telstate_object(dataset):
+    from karoo.telstate import TelescopeState
+
+    ts = TelescopeState()
+    ts.load_from_file(dataset.rdb)
+    d = karoo.open(ts, chunk_store=dataset.store)
+    d.select(dumps=[3, 4], channels=slice(0, 8))
+    d2 = pickle.loads(pickle.dumps(d))  # the memory telstate travels with it
+    np.testing.assert_array_equal(d2.vis[:], dataset.vis[3:5, :8])
+    assert d2.sensor["obs_activity"].shape == (2,)
