@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -159,5 +159,13 @@ def read_into(stored: StoredArrays, what: Sequence[str], dumps: range, chans: ra
             for key in keys.values():
                 cache.done(key)
 
-    for future in [_pool().submit(run, job) for job in jobs]:
-        future.result()
+    futures = [_pool().submit(run, job) for job in jobs]
+    try:
+        for future in futures:
+            future.result()
+    except BaseException:
+        # leave nothing running (or retrying a failed server) behind the error
+        for future in futures:
+            future.cancel()
+        wait(futures)
+        raise
