@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "karoo.controller.kubernetes",
     "karoo.controller.master",
     "karoo.controller.product",
+    "karoo.dataset.cli",
 ]
 
 
