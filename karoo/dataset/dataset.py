@@ -428,6 +428,12 @@ class DataSet:
     # --- telstate ---------------------------------------------------------------------------
 
     @property
+    def telstate(self):
+        """The dataset's telstate, viewed through the capture block and stream prefixes
+        (katdal's ``source.telstate``)."""
+        return self._view
+
+    @property
     def _view(self):
         from ..telstate import TelescopeState
 
