@@ -50,9 +50,10 @@ def add_commands(subparsers) -> None:
                         help="L0 integration time in seconds [%(default)s]")
     parser.add_argument("--script", default="short",
                         help="observation script: short, default or a JSON file [%(default)s]")
-    parser.add_argument("--clock-ratio", type=float, default=0.0,
+    parser.add_argument("--clock-ratio", type=float, default=None,
                         help="simulator speed relative to real time; 0: as fast as the "
-                             "pipeline goes [%(default)s]")
+                             "pipeline takes it (default: 0 in one process, where streams are "
+                             "lossless queues; 1 with --processes, where they are UDP)")
     parser.add_argument("--redis", metavar="ENDPOINT", nargs="?", const="start", default="",
                         help="telstate on Redis: an endpoint, or none to start a "
                              "redis-server (default: in memory)")
@@ -95,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
 def product_config(args, store: str, truth_dir: Path) -> dict:
     from .controller.schema import simulated_config
 
+    clock_ratio = args.clock_ratio if args.clock_ratio is not None else (
+        1.0 if args.processes else 0.0)
     settings: dict[str, object] = {"store": store,
                                    "transport": "multicast" if args.processes else "inproc"}
     if args.s3_endpoint_url:
@@ -102,7 +105,7 @@ def product_config(args, store: str, truth_dir: Path) -> dict:
     return simulated_config(
         n_antennas=args.antennas, n_chans=args.channels, int_time=args.dump_period,
         output_int_time=args.output_int_time, continuum_factor=1, script=args.script,
-        simulation={"clock_ratio": args.clock_ratio, "truth_dir": str(truth_dir)},
+        simulation={"clock_ratio": clock_ratio, "truth_dir": str(truth_dir)},
         **settings,
     )
 

@@ -155,6 +155,7 @@ PRODUCT_CONFIG_SCHEMA: dict[str, Any] = {
                     "additionalProperties": False,
                     "properties": {
                         "obj_size_mb": _POSITIVE,
+                        "obj_max_dumps": {"type": "integer", "minimum": 1},
                         "buffer_mb": _POSITIVE,
                         "workers": {"type": "integer", "minimum": 1},
                     },

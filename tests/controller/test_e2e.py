@@ -74,6 +74,7 @@ def config(store: Path):
     return simulated_config(
         n_antennas=4, n_chans=256, int_time=0.25, output_int_time=0.5, continuum_factor=16,
         script="short", store=str(store), ingest_servers=2,
+        writer={"obj_max_dumps": 2},  # chunks complete every 2 dumps: a killed writer has some
         multicast_cidr=f"239.192.{random.randrange(64)}.0/24",
     )
 
@@ -114,11 +115,13 @@ async def wait_until(check, what, timeout=90.0):
 
 async def capture_some(client, product, dumps=6):
     """capture-init, then wait until the vis writer has received `dumps` dumps' heaps."""
-    cbid = (await client.request("capture-init", product))[0][0].decode()
     heaps = f"{product}.vis_writer.sdp_l0.input-heaps-total"
+    before = int(await value(client, heaps))  # a counter over the writer's whole life
+    cbid = (await client.request("capture-init", product))[0][0].decode()
 
     async def enough():
-        return int(await value(client, heaps)) >= 2 * dumps  # 2 ingest servers: 2 heaps/dump
+        # 2 ingest servers: 2 heaps per dump
+        return int(await value(client, heaps)) - before >= 2 * dumps
 
     await wait_until(enough, f"{dumps} dumps at the vis writer")
     return cbid
