@@ -116,8 +116,8 @@ async def wait_until(check, what, timeout=90.0):
 async def capture_some(client, product, dumps=6):
     """capture-init, then wait until the vis writer has received `dumps` dumps' heaps."""
     heaps = f"{product}.vis_writer.sdp_l0.input-heaps-total"
-    before = int(await value(client, heaps))  # a counter over the writer's whole life
     cbid = (await client.request("capture-init", product))[0][0].decode()
+    before = int(await value(client, heaps))  # (0: the writer counts per capture block)
 
     async def enough():
         # 2 ingest servers: 2 heaps per dump
