@@ -13,6 +13,7 @@ from .service import apply_telstate_config, setup_logging
 COMMAND_MODULES = [
     "karoo.demo",
     "karoo.bench",
+    "karoo.chunkstore.writer",
 ]
 
 

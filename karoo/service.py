@@ -198,9 +198,10 @@ class Service(aiokatcp.DeviceServer):
     def add_gauge(self, name: str, description: str, units: str = "", type_=float,
                   default: Any = None, status_func=None) -> Sensor:
         """A gauge sensor (a value that goes up and down), marked for the Prometheus bridge."""
+        extra = {} if status_func is None else {"status_func": status_func}
         sensor = Sensor(type_, name, f"{description} (prometheus: gauge)", units,
                         default=type_(0) if default is None else default,
-                        initial_status=Sensor.Status.NOMINAL, status_func=status_func)
+                        initial_status=Sensor.Status.NOMINAL, **extra)
         self.sensors.add(sensor)
         return sensor
 

@@ -74,7 +74,7 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -288,13 +288,15 @@ class RetryPolicy:
 class RetryingStore(WrapperStore):
     """A Zarr store that retries transient failures and reports lasting ones clearly."""
 
-    def __init__(self, store: Store, policy: RetryPolicy) -> None:
+    def __init__(self, store: Store, policy: RetryPolicy,
+                 on_retry: Callable[[str, str, BaseException], None] | None = None) -> None:
         super().__init__(store)
         self.policy = policy
+        self.on_retry = on_retry
         self._transient = _transient_errors()
 
     def _with_store(self, store: Store) -> RetryingStore:
-        return type(self)(store, self.policy)
+        return type(self)(store, self.policy, self.on_retry)
 
     async def _retry(self, what: str, key: str, func, *args):
         delays = iter(self.policy.delays())
@@ -313,6 +315,8 @@ class RetryingStore(WrapperStore):
                         f"{what} {key!r} failed after {attempt} attempts: {reason}"
                     ) from exc
                 logger.warning("%s %r failed (%s), retrying in %.1f s", what, key, reason, delay)
+                if self.on_retry is not None:
+                    self.on_retry(what, key, exc)
                 await asyncio.sleep(delay)
 
     async def get(self, key: str, prototype: BufferPrototype,
@@ -358,6 +362,8 @@ class ChunkStore:
         Further keyword arguments for :class:`s3fs.S3FileSystem`.
     read_only
         Refuse writes.
+    on_retry
+        Called as ``on_retry(what, key, exception)`` before each retry (e.g. to count them).
     """
 
     def __init__(
@@ -373,8 +379,10 @@ class ChunkStore:
         timeout: float = 60.0,
         storage_options: Mapping[str, Any] | None = None,
         read_only: bool = False,
+        on_retry: Callable[[str, str, BaseException], None] | None = None,
     ) -> None:
         url = os.fspath(url)
+        self.on_retry = on_retry
         self.url = url
         self.policy = RetryPolicy(retries, backoff, max_backoff, 2 * timeout)
         self.read_only = read_only
@@ -437,7 +445,7 @@ class ChunkStore:
         read_only = self.read_only if read_only is None else read_only
         store = FsspecStore(self._filesystem(), read_only=read_only,
                             path=self.group_path(prefix))
-        return RetryingStore(store, self.policy)
+        return RetryingStore(store, self.policy, self.on_retry)
 
     async def _make_bucket(self, store: RetryingStore, prefix: str) -> None:
         if not self.is_s3:
@@ -465,6 +473,7 @@ class ChunkStore:
         max_chans: int | None = None,
         shard_chunks: tuple[int, int] | None = None,
         attributes: Mapping[str, Any] | None = None,
+        arrays: Iterable[str] | None = None,
     ) -> StreamStore:
         """Create the group and arrays of a capture-block stream.
 
@@ -481,6 +490,9 @@ class ChunkStore:
             ``(dumps, channels)`` counted in chunks per shard, to store several chunks per object.
         attributes
             Extra attributes for the group.
+        arrays
+            Which of :data:`ARRAYS` to create (all by default; a flags stream has only
+            ``flags``).
 
         Returns
         -------
@@ -499,8 +511,13 @@ class ChunkStore:
             attributes={"capture_block_id": capture_block_id, "stream_name": stream,
                         "n_chans": n_chans, "n_bls": n_bls, **(attributes or {})},
         )
+        names = list(ARRAYS) if arrays is None else list(arrays)
+        unknown = set(names) - set(ARRAYS)
+        if unknown:
+            raise ValueError(f"unknown arrays {sorted(unknown)}; known: {list(ARRAYS)}")
         arrays = {}
-        for name, spec in ARRAYS.items():
+        for name in names:
+            spec = ARRAYS[name]
             n_b = n_bls if spec.ndim == 3 else 1
             dumps, chans = (chunks or {}).get(name) or choose_chunks(
                 n_chans, n_b, spec.dtype, max_chunk_bytes, max_dumps, max_chans)

@@ -1,0 +1,263 @@
+"""The vis and flag writer daemon: real spead2 L0 streams in, a real aiokatcp client, Zarr out."""
+
+import asyncio
+import contextlib
+import itertools
+
+import aiokatcp
+import numpy as np
+import pytest
+import spead2
+import spead2.send
+
+from karoo.chunkstore import DATA_LOST, ChunkStore
+from karoo.chunkstore.writer import VisWriterConfig, VisWriterService
+from karoo.spead.l0 import L0Sender, make_l0_item_group
+from karoo.spead.transport import make_send_stream
+from karoo.telstate.aio import TelescopeState
+
+N_CHANS, N_BLS, PER_SUB = 64, 24, 16
+N_DUMPS = 7
+STREAM = "sdp_l0"
+_ids = itertools.count()
+
+
+def make_dumps(n_dumps: int = N_DUMPS, seed: int = 3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shape = (n_dumps, N_CHANS, N_BLS)
+    return {
+        "correlator_data": (rng.normal(size=shape) + 1j * rng.normal(size=shape)
+                            ).astype(np.complex64),
+        "flags": np.where(rng.random(shape) < 0.1, 16, 0).astype(np.uint8),
+        "weights": rng.integers(1, 256, size=shape, dtype=np.uint8),
+        "weights_channel": rng.uniform(0.5, 2, size=shape[:2]).astype(np.float32),
+    }
+
+
+async def make_telstate(stream: str = STREAM, per_sub: int = PER_SUB) -> TelescopeState:
+    ts = TelescopeState()
+    view = ts.view(stream)
+    await view.set("n_chans", N_CHANS)
+    await view.set("n_bls", N_BLS)
+    await view.set("n_chans_per_substream", per_sub)
+    return ts
+
+
+@contextlib.asynccontextmanager
+async def writer(store_url: str, telstate, **config):
+    """A started writer daemon and a KATCP client connected to it."""
+    defaults = dict(l0_spead="udp://127.0.0.1:0", l0_name=STREAM, store=store_url,
+                    obj_size_mb=0.005, buffer_mb=5, workers=4, drain_timeout=0.5)
+    defaults.update(config)
+    service = VisWriterService("127.0.0.1", 0, telstate=telstate, name="vis_writer",
+                               config=VisWriterConfig(**defaults))
+    await service.start()
+    client = await aiokatcp.Client.connect("127.0.0.1", service.port)
+    try:
+        yield service, client
+    finally:
+        client.close()
+        await client.wait_closed()
+        await service.stop()
+
+
+def sensor(service, name):
+    return service.sensors[name].value
+
+
+async def send(service, data, dumps=None, substreams=None, stop=True):
+    """Send `dumps` of `data` from two L0 senders (ingest instances) to the writer."""
+    port = service.endpoints[0].port
+    halves = [(0, N_CHANS // 2), (N_CHANS // 2, N_CHANS)]
+    senders = []
+    for lo, hi in halves:
+        # Two endpoints each, so each instance sends two substreams of PER_SUB channels.
+        senders.append(await L0Sender.create(f"udp://127.0.0.1:{port},127.0.0.1:{port}",
+                                             (lo, hi), N_CHANS, N_BLS))
+    for d in dumps if dumps is not None else range(data["flags"].shape[0]):
+        for sender, (lo, hi) in zip(senders, halves, strict=True):
+            part = slice(lo, hi)
+            await sender.send_dump(data["correlator_data"][d, part], data["flags"][d, part],
+                                   data["weights"][d, part], data["weights_channel"][d, part],
+                                   timestamp=d * 8.0 + 4.0, dump_index=d)
+        await asyncio.sleep(0.002)  # UDP on loopback: do not outrun the receiver
+    if stop:
+        for sender in senders:
+            await sender.stop()
+
+
+def read_back(url: str, cbid: str, stream: str = STREAM, **kwargs) -> dict[str, np.ndarray]:
+    group = ChunkStore(url, read_only=True, **kwargs).open_zarr_group(cbid, stream)
+    return {name: group[name][...] for name in group.array_keys()}
+
+
+@pytest.fixture
+def cbid():
+    return f"17100000{next(_ids):02d}"
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_url(request, tmp_path):
+    """(store URL, extra ChunkStore kwargs) on a local directory or on the S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "store"), {}
+    server = request.getfixturevalue("s3_server")
+    server.start_gateway()
+    return "s3://", {"endpoint_url": server.endpoint_url, "access_key": server.access_key,
+                     "secret_key": server.secret_key}
+
+
+async def test_roundtrip(store_url, cbid, monkeypatch):
+    url, kwargs = store_url
+    if kwargs:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", kwargs["access_key"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", kwargs["secret_key"])
+    ts = await make_telstate()
+    data = make_dumps()
+    async with writer(url, ts, s3_endpoint_url=kwargs.get("endpoint_url")) as (service, client):
+        await client.request("capture-init", cbid)
+        await send(service, data)
+        await client.request("capture-done")
+        assert sensor(service, "input-heaps-total") == N_DUMPS * N_CHANS // PER_SUB
+        assert sensor(service, "output-failed-chunks-total") == 0
+        assert sensor(service, "input-missing-heaps-total") == 0
+        assert sensor(service, "queued-bytes") == 0
+        assert sensor(service, "output-chunks-total") > 4 * N_DUMPS  # really chunked
+    got = read_back(url, cbid, **kwargs)
+    assert set(got) == set(data)
+    for name in data:
+        np.testing.assert_array_equal(got[name], data[name], err_msg=name)
+    info = await ts.get(f"{cbid}_{STREAM}_chunk_info")
+    assert info["correlator_data"]["shape"] == (N_DUMPS, N_CHANS, N_BLS)
+    assert info["flags"]["dtype"] == "|u1"
+    assert sum(info["correlator_data"]["chunks"][0]) == N_DUMPS
+    assert await ts.get(f"{cbid}_{STREAM}_chunk_store_url") == url
+    assert await ts.get(f"{cbid}_{STREAM}_failed_chunks") == []
+    group = ChunkStore(url, read_only=True, **kwargs).open_zarr_group(cbid, STREAM)
+    assert group.attrs["complete"] is True
+    if kwargs:
+        assert await ts.get(f"{STREAM}_s3_endpoint_url") == kwargs["endpoint_url"]
+
+
+async def test_missing_and_out_of_order_heaps(tmp_path, cbid):
+    """Heaps never sent read back as data_lost; late but in-window dumps are placed."""
+    url = str(tmp_path / "store")
+    ts = await make_telstate()
+    data = make_dumps()
+    async with writer(url, ts) as (service, client):
+        await client.request("capture-init", cbid)
+        # Dump 2 is never sent, dump 4 comes after 5 (within the lag), dump 0 comes last
+        # (too old by then).
+        await send(service, data, dumps=[1, 3, 5, 4, 6, 0], stop=False)
+        await client.request("capture-done")
+        assert sensor(service, "input-too-old-heaps-total") == N_CHANS // PER_SUB
+        assert sensor(service, "input-missing-heaps-total") == N_CHANS // PER_SUB
+    got = read_back(url, cbid)
+    for d in (1, 3, 4, 5, 6):
+        for name in data:
+            np.testing.assert_array_equal(got[name][d], data[name][d], err_msg=f"{name} {d}")
+    for d in (0, 2):
+        assert (got["flags"][d] == DATA_LOST).all()
+        assert (got["correlator_data"][d] == 0).all()
+        assert (got["weights"][d] == 0).all()
+
+
+async def test_bad_heaps_and_capture_cycle(tmp_path, cbid):
+    """Truncated and malformed heaps are counted; the KATCP cycle refuses what is wrong."""
+    url = str(tmp_path / "store")
+    ts = await make_telstate()
+    data = make_dumps(2)
+    async with writer(url, ts) as (service, client):
+        with pytest.raises(aiokatcp.FailReply, match="without capture-init"):
+            await client.request("capture-done")
+        await client.request("capture-init", cbid)
+        with pytest.raises(aiokatcp.FailReply, match="already capturing"):
+            await client.request("capture-init", cbid + "1")
+        port = service.endpoints[0].port
+        stream = await make_send_stream(f"udp://127.0.0.1:{port}",
+                                        spead2.send.StreamConfig(max_packet_size=8872))
+        # A heap with the wrong number of baselines, and one without visibilities.
+        ig = make_l0_item_group(PER_SUB, N_BLS + 1)
+        ig["correlator_data"].value = np.zeros((PER_SUB, N_BLS + 1), np.complex64)
+        ig["flags"].value = np.zeros((PER_SUB, N_BLS + 1), np.uint8)
+        ig["weights"].value = np.zeros((PER_SUB, N_BLS + 1), np.uint8)
+        ig["weights_channel"].value = np.zeros(PER_SUB, np.float32)
+        ig["timestamp"].value = 0.0
+        ig["dump_index"].value = 0
+        ig["frequency"].value = np.uint32(0)
+        await stream.async_send_heap(ig.get_heap(descriptors="all", data="all"))
+        partial = spead2.send.ItemGroup(flavour=spead2.Flavour(4, 64, 48, 0))
+        partial.add_item(0x1005, "dump_index", "", shape=(), format=[("u", 64)], value=0)
+        partial.add_item(0x4103, "frequency", "", shape=(), dtype=np.uint32,
+                         value=np.uint32(0))
+        await stream.async_send_heap(partial.get_heap(descriptors="all", data="all"))
+        await send(service, data)
+        await client.request("capture-done")
+        assert sensor(service, "input-bad-heaps-total") == 2
+        assert sensor(service, "input-heaps-total") == 2 * N_CHANS // PER_SUB
+        # The daemon is still healthy and can take the next capture block.
+        await client.request("capture-init", cbid + "2")
+        await client.request("capture-done")
+    got = read_back(url, cbid)
+    np.testing.assert_array_equal(got["correlator_data"], data["correlator_data"])
+
+
+async def test_flag_writer(tmp_path, cbid):
+    """The flags-only stream (cal flags): same daemon, only the flags array."""
+    url = str(tmp_path / "store")
+    stream_name = "sdp_l0_cal_flags"
+    ts = await make_telstate(stream_name, per_sub=N_CHANS)
+    data = make_dumps(5)
+    async with writer(url, ts, l0_name=stream_name, flags_only=True) as (service, client):
+        await client.request("capture-init", cbid)
+        port = service.endpoints[0].port
+        stream = await make_send_stream(f"udp://127.0.0.1:{port}",
+                                        spead2.send.StreamConfig(max_packet_size=8872))
+        ig = spead2.send.ItemGroup(flavour=spead2.Flavour(4, 64, 48, 0))
+        ig.add_item(0x1001, "flags", "", shape=(N_CHANS, N_BLS), dtype=np.uint8)
+        ig.add_item(0x1004, "timestamp", "", shape=(), format=[("f", 64)])
+        ig.add_item(0x1005, "dump_index", "", shape=(), format=[("u", 64)])
+        ig.add_item(0x4103, "frequency", "", shape=(), dtype=np.uint32)
+        for d in range(5):
+            ig["flags"].value = data["flags"][d]
+            ig["timestamp"].value = float(d)
+            ig["dump_index"].value = d
+            ig["frequency"].value = np.uint32(0)
+            await stream.async_send_heap(ig.get_heap(descriptors="all", data="all"))
+        await stream.async_send_heap(ig.get_end())
+        await client.request("capture-done")
+        assert sensor(service, "input-heaps-total") == 5
+    got = read_back(url, cbid, stream_name)
+    assert list(got) == ["flags"]
+    np.testing.assert_array_equal(got["flags"], data["flags"])
+    info = await ts.get(f"{cbid}_{stream_name}_chunk_info")
+    assert list(info) == ["flags"]
+
+
+async def test_slow_store_drops_counted_and_flagged(tmp_path, cbid):
+    """A buffer too small for the stream: heaps are dropped, counted and read as data_lost."""
+    url = str(tmp_path / "store")
+    ts = await make_telstate()
+    data = make_dumps(12)
+    # Room for 3 dumps only, and no writes may start until the stream has gone by.
+    async with writer(url, ts, buffer_mb=0.05, workers=1) as (service, client):
+        await client.request("capture-init", cbid)
+        async with service._sem:
+            await send(service, data)
+            await asyncio.sleep(0.2)
+        await client.request("capture-done")
+        dropped = sensor(service, "input-dropped-heaps-total")
+        placed = sensor(service, "input-heaps-total")
+        assert dropped > 0
+        assert sensor(service, "dropped-dumps-total") > 0
+        assert dropped + placed == 12 * N_CHANS // PER_SUB
+        assert sensor(service, "device-status") == aiokatcp.DeviceStatus.DEGRADED
+    got = read_back(url, cbid)
+    complete = [d for d in range(12) if (got["flags"][d] != DATA_LOST).all()]
+    lost = [d for d in range(12) if d not in complete]
+    assert lost and complete
+    for d in complete:
+        np.testing.assert_array_equal(got["correlator_data"][d], data["correlator_data"][d])
+    for d in lost:
+        part = got["flags"][d] == DATA_LOST
+        assert part.any()
