@@ -582,6 +582,7 @@ class StreamStore:
         self.group = group
         self.arrays = arrays
         self._grow_lock = asyncio.Lock()
+        self._growing: asyncio.Future | None = None
         self._shard_locks: dict[tuple, asyncio.Lock] = {}
 
     def _array(self, name: str):
@@ -614,7 +615,17 @@ class StreamStore:
         """Extend the time axis of every array to cover `n_dumps`, at least doubling it.
 
         Doubling keeps the metadata writes down to a logarithmic number; :meth:`finish` trims.
+        Writers that need more room while a resize is in flight join it rather than queue
+        behind it, so a store that is down costs one round of retries for all of them, not
+        one per chunk.
         """
+        while any(arr.shape[0] < n_dumps for arr in self.arrays.values()):
+            if self._growing is None:
+                growing = self._growing = asyncio.ensure_future(self._resize_all(n_dumps))
+                growing.add_done_callback(lambda _: setattr(self, "_growing", None))
+            await asyncio.shield(self._growing)
+
+    async def _resize_all(self, n_dumps: int) -> None:
         async with self._grow_lock:
             for arr in self.arrays.values():
                 if arr.shape[0] >= n_dumps:
@@ -695,10 +706,16 @@ class StreamStore:
                 if arr.shape[0] != n_dumps:
                     await arr.resize((n_dumps, *arr.shape[1:]), delete_outside_chunks=False)
 
-    def chunk_info(self) -> dict[str, dict]:
-        """The chunk grid, shape and dtype of every array, in katdal's ``chunk_info`` layout."""
+    def chunk_info(self, n_dumps: int | None = None) -> dict[str, dict]:
+        """The chunk grid, shape and dtype of every array, in katdal's ``chunk_info`` layout.
+
+        With `n_dumps`, the time extent is that (the capture's) rather than the arrays' current
+        shape, e.g. when the store could not be reached to :meth:`finish` it.
+        """
         return {
-            name: chunk_info_entry(self.prefix, arr.shape, arr.chunks, arr.dtype)
+            name: chunk_info_entry(
+                self.prefix, arr.shape if n_dumps is None else (n_dumps, *arr.shape[1:]),
+                arr.chunks, arr.dtype)
             for name, arr in self.arrays.items()
         }
 

@@ -622,7 +622,8 @@ class VisWriterService(Service):
             logger.error("could not set the shape of %s: %s", stream.prefix, exc)
             self.set_device_status(DeviceStatus.FAIL, f"store metadata not written: {exc}")
         prefix = f"{capture.cbid}_{self.config.l0_name}"
-        await self.telstate.add(f"{prefix}_chunk_info", stream.chunk_info(), immutable=True)
+        await self.telstate.add(f"{prefix}_chunk_info", stream.chunk_info(n_dumps),
+                                immutable=True)
         await self.telstate.add(f"{prefix}_chunk_store_url", public_url(self.store.url),
                                 immutable=True)
         await self.telstate.add(

@@ -261,3 +261,107 @@ async def test_slow_store_drops_counted_and_flagged(tmp_path, cbid):
     for d in lost:
         part = got["flags"][d] == DATA_LOST
         assert part.any()
+
+
+async def wait_writes_settle(service, quiet: float = 0.5) -> None:
+    """Wait until no chunk write has finished for `quiet` seconds and none is in flight."""
+    last, since = -1, asyncio.get_running_loop().time()
+    while True:
+        now = asyncio.get_running_loop().time()
+        count = sensor(service, "output-chunks-total") + sensor(service,
+                                                                "output-failed-chunks-total")
+        if count != last or sensor(service, "active-chunks"):
+            last, since = count, now
+        elif now - since >= quiet:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_failed_data_chunk_flags_data_lost(tmp_path, cbid):
+    """A correlator_data chunk that cannot be written reads back with data_lost in flags."""
+    url = str(tmp_path / "store")
+    ts = await make_telstate()
+    data = make_dumps()
+    async with writer(url, ts) as (service, client):
+        await client.request("capture-init", cbid)
+        # A plain file where the chunk directories of correlator_data go: every write of that
+        # array fails for good (even as root), the other arrays are fine.
+        (tmp_path / "store" / f"{cbid}-sdp-l0" / "correlator_data" / "c").write_bytes(b"")
+        await send(service, data)
+        await client.request("capture-done")
+        assert sensor(service, "output-failed-chunks-total") > 0
+        assert sensor(service, "device-status") == aiokatcp.DeviceStatus.FAIL
+    failed = await ts.get(f"{cbid}_{STREAM}_failed_chunks")
+    assert failed and all(entry[0] == "correlator_data" for entry in failed)
+    (tmp_path / "store" / f"{cbid}-sdp-l0" / "correlator_data" / "c").unlink()
+    got = read_back(url, cbid)
+    assert (got["flags"] & DATA_LOST).all()  # every vis chunk failed: all flagged lost
+    np.testing.assert_array_equal(got["flags"] & ~np.uint8(DATA_LOST), data["flags"])
+    np.testing.assert_array_equal(got["weights"], data["weights"])
+
+
+async def test_s3_outage_then_recovery(s3_server, cbid, monkeypatch):
+    """The S3 gateway is down for 10 s mid-capture: retries carry every chunk through."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    s3_server.start_gateway()
+    ts = await make_telstate()
+    data = make_dumps(10)
+    async with writer("s3://", ts, backoff=0.5, max_backoff=4, retries=10) as (service, client):
+        await client.request("capture-init", cbid)
+        await send(service, data, dumps=range(4), stop=False)
+        await wait_writes_settle(service)
+        s3_server.stop_gateway()
+        try:
+            await send(service, data, dumps=range(4, 10))
+            await asyncio.sleep(10)
+        finally:
+            s3_server.start_gateway()
+        await client.request("capture-done")
+        assert sensor(service, "output-retries-total") > 0
+        assert sensor(service, "output-failed-chunks-total") == 0
+        assert sensor(service, "device-status") == aiokatcp.DeviceStatus.OK
+    got = read_back("s3://", cbid)
+    for name in data:
+        np.testing.assert_array_equal(got[name], data[name], err_msg=name)
+
+
+async def test_s3_down_for_good(s3_server, cbid, monkeypatch):
+    """The S3 gateway goes away mid-capture: failures are counted, capture-done completes,
+    and what could not be written reads back as data_lost."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    s3_server.start_gateway()
+    ts = await make_telstate()
+    data = make_dumps(8)
+    try:
+        async with writer("s3://", ts, backoff=0.1, retries=1) as (service, client):
+            await client.request("capture-init", cbid)
+            await send(service, data, dumps=range(4), stop=False)
+            await wait_writes_settle(service)
+            written = sensor(service, "output-chunks-total")
+            s3_server.stop_gateway()
+            await send(service, data, dumps=range(4, 8))
+            await client.request("capture-done")
+            assert sensor(service, "output-failed-chunks-total") > 0
+            assert sensor(service, "output-chunks-total") == written
+            assert sensor(service, "device-status") == aiokatcp.DeviceStatus.FAIL
+    finally:
+        s3_server.start_gateway()
+    assert len(await ts.get(f"{cbid}_{STREAM}_failed_chunks")) == sensor(
+        service, "output-failed-chunks-total")
+    assert (await ts.get(f"{cbid}_{STREAM}_chunk_info"))["flags"]["shape"][0] == 8
+    got = read_back("s3://", cbid)
+    group = ChunkStore("s3://", read_only=True).open_zarr_group(cbid, STREAM)
+    assert "complete" not in group.attrs
+    # Dumps 0-3 were written before the outage (but for weights_channel, whose one chunk
+    # spans 16 dumps and failed at the end: listed as failed); every later dump the store
+    # knows of reads as lost (the shape could not be set to 8 either: readers go by chunk_info).
+    good = got["flags"] != DATA_LOST
+    assert good[:4].all()
+    assert not good[4:].any()
+    for name in ("correlator_data", "weights"):
+        np.testing.assert_array_equal(got[name][good], data[name][: len(good)][good])
+    np.testing.assert_array_equal(got["flags"][:4], data["flags"][:4])
+    failed = await ts.get(f"{cbid}_{STREAM}_failed_chunks")
+    assert ("weights_channel", (0, 16), (0, N_CHANS)) in failed
