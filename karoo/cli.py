@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "karoo.demo",
     "karoo.bench",
     "karoo.chunkstore.writer",
+    "karoo.chunkstore.metawriter",
 ]
 
 

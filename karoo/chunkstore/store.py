@@ -447,6 +447,37 @@ class ChunkStore:
                             path=self.group_path(prefix))
         return RetryingStore(store, self.policy, self.on_retry)
 
+    def object_url(self, path: str) -> str:
+        """URL of an object at `path` (relative to the store) for people and logs."""
+        full = f"{self._root}/{path}" if self._root else path
+        return f"s3://{full}" if self.is_s3 else full
+
+    async def put(self, path: str, data: bytes) -> str:
+        """Write one whole object (e.g. an RDB file) at `path` relative to the store.
+
+        On S3 without a bucket in the URL, the first component of `path` is the bucket (made
+        if needed), as katsdpmetawriter does with ``<cbid>/<file>``. The object appears whole or
+        not at all; failures are retried as for chunks. Returns :meth:`object_url`.
+        """
+        fs = self._filesystem()
+        full = f"{self._root}/{path}" if self._root else path
+        retrying = RetryingStore(FsspecStore(fs, path=""), self.policy, self.on_retry)
+        try:
+            if self.is_s3:
+                bucket = full.split("/", 1)[0]
+
+                async def make():
+                    with contextlib.suppress(FileExistsError):
+                        await fs._call_s3("create_bucket", Bucket=bucket)
+
+                await retrying._retry("creating bucket", bucket, make)
+            await retrying._retry("writing", full, fs._pipe_file, full, data)
+        finally:
+            client = getattr(fs, "_s3", None)
+            if client is not None:
+                await client.close()
+        return self.object_url(path)
+
     async def _make_bucket(self, store: RetryingStore, prefix: str) -> None:
         if not self.is_s3:
             return
