@@ -82,7 +82,7 @@ async def test_write_meta_local(redis_url, tmp_path, cbid):
     await service.start()
     client = await aiokatcp.Client.connect("127.0.0.1", service.port)
     try:
-        reply, informs = await client.request("write-meta", cbid)  # light by default
+        _, informs = await client.request("write-meta", cbid)  # light by default
         assert len(informs) == 1
         light = tmp_path / rdb_path(cbid, STREAM, light=True)
         assert informs[0].arguments[0].decode() == str(light)
@@ -109,7 +109,7 @@ async def test_write_meta_local(redis_url, tmp_path, cbid):
         await ts.delete("sdp_archived_streams")
         _, informs = await client.request("write-meta", cbid)
         assert len(informs) == 1
-        with pytest.raises(aiokatcp.FailReply, match="no sdp.vis stream"):
+        with pytest.raises(aiokatcp.FailReply, match=r"no sdp\.vis stream"):
             await client.request("write-meta", "1234")
         # A stream without its light keys: written, and the missing keys counted.
         await client.request("write-meta", cbid, True, "sdp_l0_cal_flags")
