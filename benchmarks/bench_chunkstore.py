@@ -5,7 +5,7 @@ Writes and reads 15.7 MB chunks (1 dump x 256 channels x 7680 baselines, complex
 * local directory: karoo ``ChunkStore`` vs katdal ``NpyFileChunkStore`` vs plain file writes and
   reads (``open``/``write``/``readinto``);
 * S3 (a Ceph RGW started here, see docs/s3-server.md): karoo vs katdal ``S3ChunkStore`` vs plain
-  botocore ``put_object``/``get_object`` (boto3's engine).
+  boto3 ``put_object``/``get_object``.
 
 Every method has the same number of chunks in flight (threads for katdal and raw, asyncio tasks
 for karoo). Prints one line per figure: ``<metric>: karoo ... | <anchor> ... | ratio ...``.
@@ -188,15 +188,15 @@ def main() -> None:
     if not ceph_available():
         print("S3: skipped (Ceph RGW not installed; see docs/s3-server.md)")
         return
+    import boto3
     import botocore.config
-    import botocore.session
 
     with S3Server(osd_size_gb=20) as server:
         s3 = ChunkStore("s3://", endpoint_url=server.endpoint_url, access_key=server.access_key,
                         secret_key=server.secret_key)
         kstore = S3ChunkStore(server.endpoint_url,
                               credentials=(server.access_key, server.secret_key))
-        client = botocore.session.get_session().create_client(
+        client = boto3.session.Session().client(
             "s3", endpoint_url=server.endpoint_url, aws_access_key_id=server.access_key,
             aws_secret_access_key=server.secret_key, region_name="us-east-1",
             config=botocore.config.Config(max_pool_connections=c,
@@ -205,9 +205,9 @@ def main() -> None:
         medians = measure({
             "karoo": lambda: karoo_run(s3, chunks, c),
             "katdal-s3": lambda: katdal_run(kstore, chunks, c),
-            "raw-botocore": lambda: raw_s3_run(client, chunks, c),
+            "raw-boto3": lambda: raw_s3_run(client, chunks, c),
         }, reps, nbytes)
-        report("S3", medians, ["katdal-s3", "raw-botocore"], reps)
+        report("S3", medians, ["katdal-s3", "raw-boto3"], reps)
 
 
 if __name__ == "__main__":

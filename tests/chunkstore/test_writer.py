@@ -335,7 +335,7 @@ async def test_s3_down_for_good(s3_server, cbid, monkeypatch):
     ts = await make_telstate()
     data = make_dumps(8)
     try:
-        async with writer("s3://", ts, backoff=0.1, retries=1) as (service, client):
+        async with writer("s3://", ts, backoff=0.1, retries=1, workers=32) as (service, client):
             await client.request("capture-init", cbid)
             await send(service, data, dumps=range(4), stop=False)
             await wait_writes_settle(service)
