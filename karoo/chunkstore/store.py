@@ -57,6 +57,17 @@ writes in place, so a killed writer would leave half a chunk). Local directories
 through the same code: a Zarr ``FsspecStore`` over an fsspec file system, wrapped in a store
 that retries transient failures.
 
+Speed
+-----
+A whole chunk is encoded and stored (or fetched and decoded) through the array's own codec
+pipeline without Zarr's intermediate merge buffer, and the object goes to the file system as a
+view of the encoded buffer, not a fresh ``bytes`` copy; partial chunks (the last dumps of a
+capture) and shards go through Zarr's ``setitem``/``getitem``. S3 requests are signed with
+``UNSIGNED-PAYLOAD`` (botocore otherwise hashes every body with SHA-256 when the endpoint is
+plain http, on the event loop); pass ``storage_options={"config_kwargs": {"s3":
+{"payload_signing_enabled": True}}}`` to sign bodies. ``benchmarks/bench_chunkstore.py``
+measures the effect against katdal's stores and raw I/O.
+
 Errors
 ------
 Failed S3 requests (connection refused or reset, timeouts, 5xx answers) are retried with
