@@ -98,8 +98,8 @@ class VisWriterConfig:
     drain_timeout
         At capture-done, seconds without a heap after which the senders are taken to be done
         even without their stop heaps.
-    interface
-        Address of the interface to receive on (multicast).
+    l0_interface
+        Address of the interface to receive multicast on.
     """
 
     l0_spead: str = ":7200"
@@ -116,7 +116,7 @@ class VisWriterConfig:
     max_backoff: float = 30.0
     max_lag_dumps: int = 2
     drain_timeout: float = 1.0
-    interface: str = ""
+    l0_interface: str = ""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> VisWriterConfig:
@@ -354,7 +354,7 @@ class VisWriterService(Service):
         rx = spead2.recv.asyncio.Stream(
             spead2.ThreadPool(1), config, spead2.recv.RingStreamConfig(heaps=n_sub + 4))
         self.endpoints = add_readers(rx, self.config.l0_spead,
-                                     interface_address=self.config.interface)
+                                     interface_address=self.config.l0_interface)
         return rx
 
     async def _receive(self, capture: _Capture) -> None:
@@ -658,7 +658,7 @@ def _add_writer_parser(subparsers, command: str, flags_only: bool):
                         help="transport(s) to receive on [%(default)s]")
     parser.add_argument("--l0-name", default="sdp_l0_cal_flags" if flags_only
                         else defaults.l0_name, help="stream name [%(default)s]")
-    parser.add_argument("--l0-interface", dest="interface", default="",
+    parser.add_argument("--l0-interface", default="",
                         help="interface address to receive multicast on")
     parser.add_argument("--store", default=defaults.store,
                         help="chunk store: directory or s3://[bucket/path] [%(default)s]")

@@ -13,7 +13,7 @@ import spead2.send
 from karoo.chunkstore import DATA_LOST, ChunkStore
 from karoo.chunkstore.writer import VisWriterConfig, VisWriterService
 from karoo.spead.l0 import L0Sender, make_l0_item_group
-from karoo.spead.transport import make_send_stream
+from karoo.spead.transport import make_send_stream, remove_inproc_queues
 from karoo.telstate.aio import TelescopeState
 
 N_CHANS, N_BLS, PER_SUB = 64, 24, 16
@@ -65,15 +65,18 @@ def sensor(service, name):
     return service.sensors[name].value
 
 
-async def send(service, data, dumps=None, substreams=None, stop=True):
+async def send(service, data, dumps=None, stop=True):
     """Send `dumps` of `data` from two L0 senders (ingest instances) to the writer."""
-    port = service.endpoints[0].port
+    ep = service.endpoints[0]
+    if service.config.l0_spead.startswith("inproc://"):
+        target = f"inproc://{ep.host},inproc://{ep.host}"
+    else:
+        target = f"udp://127.0.0.1:{ep.port},127.0.0.1:{ep.port}"
     halves = [(0, N_CHANS // 2), (N_CHANS // 2, N_CHANS)]
     senders = []
     for lo, hi in halves:
         # Two endpoints each, so each instance sends two substreams of PER_SUB channels.
-        senders.append(await L0Sender.create(f"udp://127.0.0.1:{port},127.0.0.1:{port}",
-                                             (lo, hi), N_CHANS, N_BLS))
+        senders.append(await L0Sender.create(target, (lo, hi), N_CHANS, N_BLS))
     for d in dumps if dumps is not None else range(data["flags"].shape[0]):
         for sender, (lo, hi) in zip(senders, halves, strict=True):
             part = slice(lo, hi)
@@ -137,6 +140,24 @@ async def test_roundtrip(store_url, cbid, monkeypatch):
     assert group.attrs["complete"] is True
     if kwargs:
         assert await ts.get(f"{STREAM}_s3_endpoint_url") == kwargs["endpoint_url"]
+
+
+async def test_inproc_two_captures(tmp_path, cbid):
+    """In-process transport (the embedded demo): two capture blocks in a row."""
+    url = str(tmp_path / "store")
+    ts = await make_telstate()
+    try:
+        async with writer(url, ts, l0_spead="inproc://writer-test") as (service, client):
+            for n, block in enumerate((cbid, cbid + "b")):
+                data = make_dumps(3, seed=n)
+                await client.request("capture-init", block)
+                await send(service, data)
+                await client.request("capture-done")
+                got = read_back(url, block)
+                for name in data:
+                    np.testing.assert_array_equal(got[name], data[name], err_msg=name)
+    finally:
+        remove_inproc_queues("inproc://writer-test")
 
 
 async def test_missing_and_out_of_order_heaps(tmp_path, cbid):
