@@ -488,6 +488,9 @@ class ChunkStore:
             client_kwargs.setdefault("endpoint_url", options.pop("endpoint_url"))
         elif os.environ.get("AWS_ENDPOINT_URL"):
             client_kwargs.setdefault("endpoint_url", os.environ["AWS_ENDPOINT_URL"])
+        # With max_concurrency > 1 s3fs sends a HEAD before every whole-object GET, to see
+        # whether to split it; chunks are far below its split size, so that is a wasted trip.
+        options.setdefault("max_concurrency", 1)
         fs = s3fs.S3FileSystem(
             asynchronous=True, skip_instance_cache=True, config_kwargs=config,
             client_kwargs=client_kwargs, **options,
