@@ -80,7 +80,9 @@ can tell "never written" (fill value, or ``False`` from :meth:`StreamStore.has_c
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import io
 import logging
 import math
@@ -276,7 +278,7 @@ class _CopyFreeFsspecStore(FsspecStore):
         data = value.as_numpy_array()
         if not data.flags.c_contiguous:
             payload = value.to_bytes()
-        elif isinstance(self.fs, AsyncFileSystemWrapper):
+        elif isinstance(self.fs, AsyncFileSystemWrapper):  # local files
             payload = memoryview(data)
         else:
             # botocore takes bytes, bytearray or files. A bytes body costs two copies (aiohttp
@@ -293,6 +295,35 @@ class _SizedBytesIO(io.BytesIO):
 
     def __len__(self) -> int:
         return self.getbuffer().nbytes
+
+
+_LOCAL_IO_THREADS = 16
+_local_io_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _local_io(func, *args, **kwargs):
+    """Run a blocking file operation on the chunk store's own thread pool.
+
+    asyncio's default pool has ``cpu_count + 4`` threads, too few to keep a disk busy with
+    whole-chunk writes on a small machine, and shared with everything else in the process.
+    """
+    global _local_io_pool
+    if _local_io_pool is None:
+        _local_io_pool = concurrent.futures.ThreadPoolExecutor(
+            _LOCAL_IO_THREADS, thread_name_prefix="karoo-chunk-io")
+    return asyncio.get_running_loop().run_in_executor(
+        _local_io_pool, functools.partial(func, *args, **kwargs))
+
+
+class _LocalAsyncFileSystem(AsyncFileSystemWrapper):
+    """fsspec's async wrapper of the local file system, with whole-object reads and writes on
+    :func:`_local_io`'s threads."""
+
+    async def _pipe_file(self, path, value, *args, **kwargs):
+        return await _local_io(self.sync_fs.pipe_file, path, value, *args, **kwargs)
+
+    async def _cat_file(self, path, *args, **kwargs):
+        return await _local_io(self.sync_fs.cat_file, path, *args, **kwargs)
 
 
 # Answers that mean "this object is not there" or "you may not": not worth retrying.
@@ -466,8 +497,8 @@ class ChunkStore:
 
     def _filesystem(self):
         if not self.is_s3:
-            return AsyncFileSystemWrapper(AtomicLocalFileSystem(auto_mkdir=True),
-                                          asynchronous=True)
+            return _LocalAsyncFileSystem(AtomicLocalFileSystem(auto_mkdir=True),
+                                         asynchronous=True)
         import s3fs
 
         options = dict(self._s3_options)
