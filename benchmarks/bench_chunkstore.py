@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -142,12 +143,32 @@ def raw_s3_run(client, chunks, concurrency: int) -> tuple[float, float]:
 # -- driver --------------------------------------------------------------------------------------
 
 
-def measure(runs: dict, reps: int, nbytes: int) -> dict[str, tuple[float, float]]:
-    """Median write and read MB/s of each method, interleaving the methods in every repetition."""
+def empty_directory(root: Path) -> None:
+    """Remove what the runs wrote under `root` (keeping the directories the stores need)."""
+    for top in root.iterdir():
+        for path in top.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def measure(runs: dict, reps: int, nbytes: int,
+            cleanup=None) -> dict[str, tuple[float, float]]:
+    """Median write and read MB/s of each method, interleaving the methods in every repetition.
+
+    `cleanup` runs (untimed) after each method, so that every method starts with the same file
+    system and page cache state rather than behind gigabytes of its predecessors' files.
+    """
     rates: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for _ in range(reps):
         for name, run in runs.items():
+            # Start each method with no dirty pages of the previous one still being written
+            # back, which otherwise slows whichever method comes next.
+            os.sync()
             t_write, t_read = run()
+            if cleanup is not None:
+                cleanup()
             rates[name].append((nbytes / t_write / 1e6, nbytes / t_read / 1e6))
     return {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
             for name, rs in rates.items()}
@@ -182,7 +203,7 @@ def main() -> None:
             "karoo": lambda: karoo_run(local, chunks, c),
             "katdal-npy": lambda: katdal_run(npy, chunks, c),
             "raw-file": lambda: raw_local_run(root, chunks, c),
-        }, reps, nbytes)
+        }, reps, nbytes, cleanup=lambda: empty_directory(root))
         report("local", medians, ["katdal-npy", "raw-file"], reps)
 
     if not ceph_available():
