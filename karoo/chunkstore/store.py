@@ -281,20 +281,30 @@ class _CopyFreeFsspecStore(FsspecStore):
         elif isinstance(self.fs, AsyncFileSystemWrapper):  # local files
             payload = memoryview(data)
         else:
-            # botocore takes bytes, bytearray or files. A bytes body costs two copies (aiohttp
-            # turns it into a BytesIO and copies that to measure it); a BytesIO of our own,
-            # one.
-            payload = _SizedBytesIO()
-            payload.write(memoryview(data))
-            payload.seek(0)
+            # botocore's parameter check takes bytes, bytearray or files, and turns bytes into a
+            # BytesIO that aiohttp copies again and sends in 64 kB pieces. A stand-in file
+            # passes the check and is swapped for the view itself just before the request is
+            # built (_send_view), which aiohttp sends as it is: no copy at all.
+            payload = _ViewBody(memoryview(data))
         await self.fs._pipe_file(_dereference_path(self.path, key), payload)
 
 
-class _SizedBytesIO(io.BytesIO):
-    """A BytesIO with ``len()``, which s3fs asks of a body."""
+class _ViewBody(io.BytesIO):
+    """An empty file standing in for a memoryview body until botocore builds the request."""
 
-    def __len__(self) -> int:
-        return self.getbuffer().nbytes
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self.view = view
+
+    def __len__(self) -> int:  # s3fs asks the size of a body
+        return self.view.nbytes
+
+
+def _send_view(params: dict, **kwargs) -> None:
+    """botocore ``before-call`` handler: send a :class:`_ViewBody`'s view as the body."""
+    body = params.get("body")
+    if isinstance(body, _ViewBody):
+        params["body"] = body.view
 
 
 _LOCAL_IO_THREADS = 16
@@ -522,6 +532,12 @@ class ChunkStore:
         # With max_concurrency > 1 s3fs sends a HEAD before every whole-object GET, to see
         # whether to split it; chunks are far below its split size, so that is a wasted trip.
         options.setdefault("max_concurrency", 1)
+        if "session" not in options:
+            import aiobotocore.session
+
+            session = aiobotocore.session.AioSession()
+            session.register("before-call.s3.PutObject", _send_view)
+            options["session"] = session
         fs = s3fs.S3FileSystem(
             asynchronous=True, skip_instance_cache=True, config_kwargs=config,
             client_kwargs=client_kwargs, **options,
