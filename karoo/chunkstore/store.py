@@ -82,6 +82,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import io
 import logging
@@ -349,6 +350,7 @@ def _permanent_errors() -> tuple[type[BaseException], ...]:
 
 
 _PERMANENT = _permanent_errors()
+_BAD_REQUEST_ERRNOS = frozenset({errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE})
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
@@ -408,6 +410,10 @@ class RetryingStore(WrapperStore):
             except _PERMANENT:
                 raise
             except self._transient as exc:
+                if isinstance(exc, OSError) and exc.errno in _BAD_REQUEST_ERRNOS:
+                    # s3fs's mapping of S3 client errors (bad bucket name, bad argument...):
+                    # asking again gets the same answer.
+                    raise
                 reason = f"{type(exc).__name__}: {exc or 'no answer in time'}"
                 delay = next(delays, None)
                 if delay is None:

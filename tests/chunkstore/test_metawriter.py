@@ -142,3 +142,18 @@ async def test_write_meta_s3(s3_server, cbid, monkeypatch):
     s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1")
     body = s3.get_object(Bucket=cbid, Key=f"{cbid}_{STREAM}.full.rdb")["Body"].read()
     check_katsdptelstate(body, cbid, light=False)
+
+
+async def test_s3_bad_request_is_not_retried(s3_server, monkeypatch):
+    """An S3 client error (here an invalid bucket name) is raised as it is, not retried."""
+    from karoo.chunkstore import ChunkStore, StoreUnavailable
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    s3_server.start_gateway()
+    retried = []
+    store = ChunkStore("s3://", on_retry=lambda *args: retried.append(args))
+    with pytest.raises(OSError) as info:
+        await store.put("x/too-short-a-bucket-name", b"")
+    assert not isinstance(info.value, StoreUnavailable)
+    assert retried == []
