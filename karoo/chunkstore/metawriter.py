@@ -16,8 +16,9 @@ files go under that path. Files are written by karoo's own RDB serializer
 
 Requests: ``write-meta <cbid> [light] [stream]`` (light defaults to true; without a stream,
 every ``sdp.vis`` stream in ``sdp_archived_streams``, or else every stream with a
-``<cbid>_<stream>_chunk_info``). ``capture-done`` writes the light and the full dump of every
-such stream and then the empty ``<cbid>/complete`` marker.
+``<cbid>_<stream>_chunk_info``); a full dump of all of them ends with the empty
+``<cbid>/complete`` marker. ``capture-done`` (when the controller sends the capture cycle to
+this daemon too) writes the light and the full dumps and the marker.
 """
 
 # No `from __future__ import annotations`: aiokatcp reads request annotations as real types.
@@ -205,10 +206,16 @@ class MetaWriterService(Service):
         Informs give each file written; the reply gives how many.
         """
         urls = await self._write_all(ctx, capture_block_id, (light,), stream)
+        if not light and stream is None:
+            await self._mark_complete(capture_block_id)
         return f"{len(urls)} RDB files written"
 
     async def capture_done(self, capture_block_id: str) -> None:
         await self._write_all(None, capture_block_id, (True, False))
+        await self._mark_complete(capture_block_id)
+
+    async def _mark_complete(self, capture_block_id: str) -> None:
+        """The empty ``<cbid>/complete`` marker, once the full dumps are written."""
         try:
             await self.store.put(f"{capture_block_id}/complete", b"")
         except (ChunkStoreError, OSError) as exc:

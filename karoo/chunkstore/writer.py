@@ -12,8 +12,8 @@ chunk store (:meth:`ChunkStore.create_stream`, chunks of ``--obj-size-mb``) and 
 receiver on ``--l0-spead``, which takes heaps from every ingest (or cal) instance. Each heap
 (one dump of one channel range) is copied straight into the chunk buffers it overlaps; a chunk
 is handed to the store as soon as every heap it covers has arrived, or, when heaps are missing,
-once the stream has moved ``max_lag_dumps`` dumps past it. Missing parts keep the fill values,
-so they read back with the ``data_lost`` flag.
+once every substream has moved past it (or the newest dump is ``max_lag_dumps`` beyond it).
+Missing parts keep the fill values, so they read back with the ``data_lost`` flag.
 
 Writes run as asyncio tasks, at most ``--workers`` at once, so that many chunks are in flight
 (what makes Zarr v3 and S3 fast). Every chunk buffer counts against ``--buffer-mb`` from its
@@ -62,6 +62,7 @@ from .store import ARRAYS, DATA_LOST, ChunkStore, ChunkStoreError, StreamStore
 logger = logging.getLogger(__name__)
 
 VIS_ARRAYS = tuple(ARRAYS)
+FLAG_WRITER_MAX_LAG = 256
 FLAG_ARRAYS = ("flags",)
 # Arrays whose failed chunks are marked data_lost in `flags` (written after them).
 _DATA_ARRAYS = ("correlator_data", "weights", "weights_channel")
@@ -94,7 +95,10 @@ class VisWriterConfig:
     retries, backoff, max_backoff
         Retry policy of store requests (see :class:`karoo.chunkstore.store.RetryPolicy`).
     max_lag_dumps
-        How many dumps a heap may arrive behind the newest one before it is too old.
+        How far (in dumps) a substream may fall behind the newest dump before its late heaps
+        are no longer waited for (chunks are otherwise written once every substream has
+        passed them). Cal servers send their flags a batch at a time, hence the flag
+        writer's larger default.
     drain_timeout
         At capture-done, seconds without a heap after which the senders are taken to be done
         even without their stop heaps.
@@ -114,7 +118,7 @@ class VisWriterConfig:
     retries: int = 8
     backoff: float = 0.5
     max_backoff: float = 30.0
-    max_lag_dumps: int = 2
+    max_lag_dumps: int = 4
     drain_timeout: float = 1.0
     l0_interface: str = ""
 
@@ -176,6 +180,8 @@ class _Capture:
         self.failed: list[tuple[str, int, int, int, int]] = []  # array, t0, t1, f0, f1
         self.seen: dict[int, set[int]] = {}  # dump -> first channels of accepted heaps
         self.newest = -1
+        self.sub_newest: dict[int, int] = {}  # first channel -> newest dump of that substream
+        self.closed_below = 0  # heaps of earlier dumps are too old
         self.heaps = 0
         self.dropped_heaps = 0
         self.too_old = 0
@@ -319,14 +325,14 @@ class VisWriterService(Service):
         capture.rx_task = asyncio.create_task(self._receive(capture), name="receive")
 
     def _max_dumps(self, n_chans: int, n_bls: int) -> int:
-        """Time extent limit of chunks, so that two rows and a row in flight fit the budget."""
+        """Time extent limit of chunks, so that about four rows of chunks fit the budget."""
         dump_bytes = sum(n_chans * (n_bls if ARRAYS[a].ndim == 3 else 1)
                          * ARRAYS[a].dtype.itemsize for a in self.config.arrays)
         buffer_dumps = self._budget // dump_bytes
         if buffer_dumps < 3:
             raise FailReply(f"--buffer-mb {self.config.buffer_mb} holds {buffer_dumps} dumps of "
                             f"{dump_bytes / 1e6:.1f} MB; at least 3 are needed")
-        limit = max(1, buffer_dumps // (3 + self.config.max_lag_dumps))
+        limit = max(1, buffer_dumps // 4)
         return max(1, min(self.config.obj_max_dumps, 1 << int(math.log2(limit))))
 
     async def _record_endpoint(self) -> None:
@@ -425,7 +431,7 @@ class VisWriterService(Service):
             return
         if capture.chans_per_heap is None:
             capture.chans_per_heap = chans
-        if dump < capture.newest - self.config.max_lag_dumps:
+        if dump < capture.closed_below:
             self._bump(self.s_too_old)
             capture.too_old += 1
             return
@@ -434,10 +440,9 @@ class VisWriterService(Service):
             self._bump(self.s_bad)
             return
         seen.add(first)
-        if dump > capture.newest:
-            capture.newest = dump
-            self._close_rows(capture, dump - self.config.max_lag_dumps)
-        if not self._place(capture, dump, first, chans, parts):
+        placed = self._place(capture, dump, first, chans, parts)
+        self._advance(capture, dump, first)
+        if not placed:
             self._bump(self.s_dropped_heaps)
             capture.dropped_heaps += 1
             if dump not in capture.dropped_dumps:
@@ -457,6 +462,25 @@ class VisWriterService(Service):
             capture.dropping = False
             if self._device_status.value == DeviceStatus.DEGRADED:
                 self.set_device_status(DeviceStatus.OK)
+
+    def _advance(self, capture: _Capture, dump: int, first: int) -> None:
+        """Note a heap's progress; write the chunks no heap can reach any more.
+
+        Senders send their dumps in order, so once every substream has sent dump ``d``, no
+        heap of a dump up to ``d`` is still to come. A substream that falls more than
+        ``max_lag_dumps`` behind the newest dump (or never starts) is not waited for.
+        """
+        sub = capture.sub_newest
+        if dump > sub.get(first, -1):
+            sub[first] = dump
+        capture.newest = max(capture.newest, dump)
+        below = capture.newest - self.config.max_lag_dumps
+        n_sub = capture.n_chans // capture.chans_per_heap
+        if len(sub) == n_sub:
+            below = max(below, min(sub.values()) + 1)
+        if below > capture.closed_below:
+            capture.closed_below = below
+            self._close_rows(capture, below)
 
     def _chunk_ranges(self, capture: _Capture, name: str, dump: int, first: int, chans: int):
         """(chunk index, heap channel slice, chunk channel slice) of every chunk a heap covers."""
@@ -674,7 +698,8 @@ def _add_writer_parser(subparsers, command: str, flags_only: bool):
                         help="chunk writes in flight [%(default)s]")
     parser.add_argument("--retries", type=int, default=defaults.retries,
                         help="retries of a failed store request [%(default)s]")
-    parser.add_argument("--max-lag-dumps", type=int, default=defaults.max_lag_dumps,
+    parser.add_argument("--max-lag-dumps", type=int,
+                        default=FLAG_WRITER_MAX_LAG if flags_only else defaults.max_lag_dumps,
                         help="how late (in dumps) a heap may arrive [%(default)s]")
     add_service_arguments(parser, "flag_writer" if flags_only else "vis_writer")
     # The anchors' ports, so that both writers can run on one host.

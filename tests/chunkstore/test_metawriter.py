@@ -89,12 +89,18 @@ async def test_write_meta_local(redis_url, tmp_path, cbid):
         check_katsdptelstate(light.read_bytes(), cbid, light=True)
         assert service.sensors["key-failures"].value == 0
 
-        # capture-done writes both dumps and the completion marker.
-        await client.request("capture-init", cbid)
-        await client.request("capture-done")
+        assert not (tmp_path / cbid / "complete").exists()
+        # The full dump (as the controller asks for it), then the completion marker.
+        await client.request("write-meta", cbid, False)
         full = tmp_path / rdb_path(cbid, STREAM, light=False)
         check_katsdptelstate(full.read_bytes(), cbid, light=False)
         assert (tmp_path / cbid / "complete").exists()
+        # capture-done writes both dumps and the marker too.
+        for path in (light, full, tmp_path / cbid / "complete"):
+            path.unlink()
+        await client.request("capture-init", cbid)
+        await client.request("capture-done")
+        assert light.exists() and full.exists() and (tmp_path / cbid / "complete").exists()
 
         # A real redis-server loads the file at start-up.
         with RedisServer(directory=full.parent, dbfilename=full.name) as server:

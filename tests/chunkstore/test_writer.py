@@ -65,27 +65,35 @@ def sensor(service, name):
     return service.sensors[name].value
 
 
-async def send(service, data, dumps=None, stop=True):
-    """Send `dumps` of `data` from two L0 senders (ingest instances) to the writer."""
+async def make_senders(service) -> list[tuple[L0Sender, slice]]:
+    """Two L0 senders (ingest instances) of two substreams each, aimed at the writer."""
     ep = service.endpoints[0]
     if service.config.l0_spead.startswith("inproc://"):
         target = f"inproc://{ep.host},inproc://{ep.host}"
     else:
         target = f"udp://127.0.0.1:{ep.port},127.0.0.1:{ep.port}"
-    halves = [(0, N_CHANS // 2), (N_CHANS // 2, N_CHANS)]
     senders = []
-    for lo, hi in halves:
-        # Two endpoints each, so each instance sends two substreams of PER_SUB channels.
-        senders.append(await L0Sender.create(target, (lo, hi), N_CHANS, N_BLS))
-    for d in dumps if dumps is not None else range(data["flags"].shape[0]):
-        for sender, (lo, hi) in zip(senders, halves, strict=True):
-            part = slice(lo, hi)
+    for lo, hi in [(0, N_CHANS // 2), (N_CHANS // 2, N_CHANS)]:
+        sender = await L0Sender.create(target, (lo, hi), N_CHANS, N_BLS)
+        senders.append((sender, slice(lo, hi)))
+    return senders
+
+
+async def send_dumps(senders, data, dumps) -> None:
+    for d in dumps:
+        for sender, part in senders:
             await sender.send_dump(data["correlator_data"][d, part], data["flags"][d, part],
                                    data["weights"][d, part], data["weights_channel"][d, part],
                                    timestamp=d * 8.0 + 4.0, dump_index=d)
         await asyncio.sleep(0.002)  # UDP on loopback: do not outrun the receiver
+
+
+async def send(service, data, dumps=None, stop=True):
+    """Send `dumps` of `data` from two L0 senders (ingest instances) to the writer."""
+    senders = await make_senders(service)
+    await send_dumps(senders, data, dumps if dumps is not None else range(len(data["flags"])))
     if stop:
-        for sender in senders:
+        for sender, _ in senders:
             await sender.stop()
 
 
@@ -161,15 +169,20 @@ async def test_inproc_two_captures(tmp_path, cbid):
 
 
 async def test_missing_and_out_of_order_heaps(tmp_path, cbid):
-    """Heaps never sent read back as data_lost; late but in-window dumps are placed."""
+    """Heaps never sent read back as data_lost; a sender running behind the other is waited
+    for; heaps of dumps every sender has passed are too old."""
     url = str(tmp_path / "store")
     ts = await make_telstate()
     data = make_dumps()
     async with writer(url, ts) as (service, client):
         await client.request("capture-init", cbid)
-        # Dump 2 is never sent, dump 4 comes after 5 (within the lag), dump 0 comes last
-        # (too old by then).
-        await send(service, data, dumps=[1, 3, 5, 4, 6, 0], stop=False)
+        (a, b) = await make_senders(service)
+        # Dump 2 is never sent; sender b falls three dumps behind a, then catches up; dump 0
+        # comes last (too old by then).
+        await send_dumps([a, b], data, [1, 3])
+        await send_dumps([a], data, [4, 5, 6])
+        await send_dumps([b], data, [4, 5, 6])
+        await send_dumps([a, b], data, [0])
         await client.request("capture-done")
         assert sensor(service, "input-too-old-heaps-total") == N_CHANS // PER_SUB
         assert sensor(service, "input-missing-heaps-total") == N_CHANS // PER_SUB
@@ -181,6 +194,31 @@ async def test_missing_and_out_of_order_heaps(tmp_path, cbid):
         assert (got["flags"][d] == DATA_LOST).all()
         assert (got["correlator_data"][d] == 0).all()
         assert (got["weights"][d] == 0).all()
+
+
+async def test_dead_sender_is_not_waited_for(tmp_path, cbid):
+    """An ingest instance that stops sending: the others' data is written as it comes (after
+    max_lag_dumps), its channels read back as data_lost."""
+    url = str(tmp_path / "store")
+    ts = await make_telstate()
+    data = make_dumps(12)
+    async with writer(url, ts, max_lag_dumps=2) as (service, client):
+        await client.request("capture-init", cbid)
+        (a, b) = await make_senders(service)
+        await send_dumps([a, b], data, [0])
+        await send_dumps([a], data, range(1, 12))
+        while service._capture.heaps < 2 * 2 + 11 * 2:
+            await asyncio.sleep(0.01)
+        # Chunks up to the lag behind the newest dump are no longer waited for.
+        assert service._capture.closed_below == 11 - 2
+        await client.request("capture-done")
+        assert sensor(service, "input-missing-heaps-total") == 11 * 2
+    got = read_back(url, cbid)
+    half = slice(0, N_CHANS // 2)
+    for name in data:
+        np.testing.assert_array_equal(got[name][:, half], data[name][:, half], err_msg=name)
+    assert (got["flags"][1:, N_CHANS // 2:] == DATA_LOST).all()
+    np.testing.assert_array_equal(got["flags"][0], data["flags"][0])
 
 
 async def test_bad_heaps_and_capture_cycle(tmp_path, cbid):
