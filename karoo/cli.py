@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 
@@ -13,6 +14,13 @@ from .service import apply_telstate_config, setup_logging
 COMMAND_MODULES = [
     "karoo.demo",
     "karoo.bench",
+    "karoo.sim.service",
+    "karoo.ingest.service",
+    "karoo.cal.service",
+    "karoo.controller.kubernetes",
+    "karoo.controller.master",
+    "karoo.controller.product",
+    "karoo.dataset.cli",
     "karoo.chunkstore.writer",
     "karoo.chunkstore.metawriter",
 ]
@@ -27,12 +35,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+@contextlib.contextmanager
+def _required_options_deferred(parser: argparse.ArgumentParser):
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    actions = [action for sub in subparsers for p in sub.choices.values() for action in p._actions
+               if action.required and action.option_strings]
+    for action in actions:
+        action.required = False
+    try:
+        yield
+    finally:
+        for action in actions:
+            action.required = True
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a ``karoo`` command line; daemons' defaults come from telstate ``config.<name>``."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # A daemon's required options may come from telstate: they are checked on the final
+    # parse, once the telstate defaults are in.
+    with _required_options_deferred(parser):
+        args = parser.parse_args(argv)
     setup_logging(args.verbose)
     # Daemons take their defaults from telstate (config.<name>), as katsdpservices does.
-    args = apply_telstate_config(args, lambda: parser.parse_args(argv))
+    return apply_telstate_config(args, lambda: parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     return int(args.func(args) or 0)
 
 

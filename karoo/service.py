@@ -17,6 +17,7 @@ telstate.
 import argparse
 import asyncio
 import enum
+import functools
 import json
 import logging
 import os
@@ -54,7 +55,7 @@ def telstate_url(endpoint: str | None) -> str:
     """Normalise ``host:port`` or ``redis://...`` to a URL; empty or None means in memory."""
     if not endpoint:
         return ""
-    return endpoint if "://" in endpoint else "redis://" + endpoint
+    return endpoint if "://" in endpoint else "redis://" + endpoint  # memory://name stays
 
 
 def task_config(telstate: TelescopeState, name: str) -> dict[str, Any]:
@@ -102,12 +103,13 @@ def add_service_arguments(parser: argparse.ArgumentParser, default_name: str) ->
 def apply_telstate_config(args: argparse.Namespace, reparse: Callable[[], argparse.Namespace]):
     """Re-parse with the task's telstate config as defaults (explicit options still win).
 
-    Called by the ``karoo`` command after a first parse; `reparse` parses the same argv again.
-    Returns the final namespace, or `args` unchanged for commands without a telstate.
+    Called by the ``karoo`` command after a first parse; `reparse` parses the same argv again
+    (and so checks required options: one that the telstate config gives is satisfied).
+    Returns the final namespace.
     """
     parser = getattr(args, "_service_parser", None)
     if parser is None or not args.telstate:
-        return args
+        return reparse()
     telstate = TelescopeState(telstate_url(args.telstate))
     try:
         config = task_config(telstate, args.name)
@@ -118,6 +120,9 @@ def apply_telstate_config(args: argparse.Namespace, reparse: Callable[[], argpar
     if unknown:
         logger.debug("telstate config keys without a matching option: %s", ", ".join(unknown))
     parser.set_defaults(**{k: v for k, v in config.items() if k in dests})
+    for action in parser._actions:
+        if action.dest in config and action.option_strings:
+            action.required = False
     return reparse()
 
 
@@ -297,6 +302,16 @@ async def serve(service: Service) -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+def set_service_factory(parser: argparse.ArgumentParser,
+                        make: Callable[[Any, argparse.Namespace], Any]) -> None:
+    """Make a subcommand run the service that `make(telstate, args)` builds.
+
+    The factory is also kept as ``args.make_service``, so that the embedded launcher can build
+    the same service inside a running event loop instead of in a process of its own.
+    """
+    parser.set_defaults(func=functools.partial(run_service, make), make_service=make)
 
 
 def run_service(make: Callable[[Any, argparse.Namespace], Any], args: argparse.Namespace) -> int:

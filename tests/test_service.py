@@ -113,3 +113,27 @@ def test_telstate_config_gives_defaults(redis_url):
     args = apply_telstate_config(parser.parse_args(argv), lambda: parser.parse_args(argv))
     assert args.port == 4321  # from telstate
     assert args.host == "127.0.0.2"  # the command line wins
+
+
+async def test_gauges_and_counters():
+    service = Recorder("127.0.0.1", 0, telstate=telstate_aio.TelescopeState(), name="test")
+    counter = service.add_counter("input-heaps-total", "heaps received")
+    gauge = service.add_gauge("queue-bytes", "bytes waiting", "B")
+    counter.value += 3
+    gauge.value = 1.5
+    assert "(prometheus: counter)" in counter.description
+    assert (counter.value, gauge.value) == (3, 1.5)
+
+
+async def test_named_memory_telstate_is_shared():
+    """memory://name: daemons in one process share a telstate, as processes share Redis."""
+    from karoo.telstate.memory import forget_memory_backend
+
+    sync = TelescopeState("memory://service-test")
+    sync["config.x"] = {"port": 1}
+    ats = await telstate_aio.TelescopeState.from_url("memory://service-test")
+    assert await ats.get("config.x") == {"port": 1}
+    assert task_config(TelescopeState("memory://service-test"), "x") == {"port": 1}
+    assert "config.x" not in TelescopeState("memory://other-test")
+    forget_memory_backend("service-test")
+    assert "config.x" not in TelescopeState("memory://service-test")

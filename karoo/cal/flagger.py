@@ -3,17 +3,24 @@
 The detector works per baseline on visibility amplitudes of a (time, frequency) block:
 
 1. **Spectrum pass.** The per-channel median over time (the "time-median spectrum") is compared
-   with a running median of itself over frequency; SumThreshold along frequency on that
-   difference flags weak persistent channels for all dumps.
-2. **Background.** The background is the per-channel median itself (exact at any band shape, so
-   steep band edges are not over-flagged; a flagged channel takes the running-median value),
-   plus a masked box-smoothed residual that follows slow changes in time (and across a few
-   channels). Smoothing windows shrink symmetrically at the edges of the block, which keeps
-   them unbiased on linear trends.
-3. **Noise.** Per channel, from the upper half of the residual distribution,
-   sigma = (q90 - q50)/1.2816, smoothed across channels by a running median. For Gaussian data this
-   is sigma; for noise-dominated (Rayleigh-distributed) amplitudes, such as the cross hands of an
-   unpolarised calibrator, it describes the heavier upper tail, which a MAD would underestimate.
+   with its background, a running median refined by two robust local quadratic fits (so a
+   strong, curved spectrum is followed; a median alone flattens curvature into many sigma);
+   SumThreshold along frequency on that difference flags weak persistent channels for all
+   dumps.
+2. **Background.** That smooth spectrum times a per-dump scale (the median ratio over the
+   signal-dominated channels: gain drifts, a polarised source turning with parallactic angle),
+   plus a masked box-smoothed residual that follows what is left (time, then a few channels).
+   Smoothing windows shrink symmetrically at the edges of the block, which keeps them unbiased
+   on linear trends, so steep band edges are not over-flagged. A smooth background (rather
+   than each channel's own median) also keeps short scans honest: the median of 4 dumps is
+   nearly as noisy as a sample.
+3. **Noise.** From the upper half of the residual distribution, sigma = (q90 - q50)/1.2816,
+   pooled over groups of channels x all dumps (at least ``POOL_SAMPLES`` samples, however short
+   the block) and smoothed across channels by a running median. For noise-dominated
+   (Rayleigh-distributed) amplitudes, such as the cross hands of an unpolarised calibrator, the
+   upper half describes the heavier upper tail, which a MAD would underestimate. Pooling matters
+   for short scans: per-channel estimates from a handful of dumps are skewed, and their median
+   across channels is biased low (17% false flags at 4 dumps before).
 4. **SumThreshold** on |residual|/sigma along time, then along frequency (time flags pre-flagged),
    with windows `windows_*` and thresholds ``outlier_nsigma / rho**log2(window)``; already
    flagged samples count as the threshold (Offringa et al. 2010).
@@ -37,6 +44,13 @@ from numba import njit, prange
 #: L0 flag bit set by the cal RFI flagger.
 from ..flags import CAL_RFI
 
+#: Samples pooled per noise estimate (channels x dumps).
+POOL_SAMPLES = 256
+#: Channels farther than this many sigma from the spectrum background are left out of its fit.
+SPEC_REJECT = 3.0
+#: Channels whose spectrum exceeds this many sigma carry the per-dump scale of the background.
+SCALE_SNR = 5.0
+
 
 @njit(nogil=True, cache=True)
 def _running_median(x, valid, half, out):
@@ -51,6 +65,44 @@ def _running_median(x, valid, half, out):
                 buf[k] = x[j]
                 k += 1
         out[i] = np.median(buf[:k]) if k > 0 else np.nan
+
+
+@njit(nogil=True, cache=True)
+def _local_quadratic(y, valid, half, out):
+    """Least-squares quadratic through the valid y in a window of ±half (shrunk symmetrically
+    at the ends), evaluated at the centre; a line or the mean where the window has too few
+    distinct points, the previous `out` where it has none."""
+    n = y.shape[0]
+    for i in range(n):
+        h = min(half, i, n - 1 - i)
+        s0 = s1 = s2 = s3 = s4 = 0.0
+        t0 = t1 = t2 = 0.0
+        for j in range(i - h, i + h + 1):
+            if valid[j]:
+                x = float(j - i)
+                x2 = x * x
+                v = float(y[j])
+                s0 += 1.0
+                s1 += x
+                s2 += x2
+                s3 += x2 * x
+                s4 += x2 * x2
+                t0 += v
+                t1 += v * x
+                t2 += v * x2
+        if s0 == 0:
+            continue
+        # Cramer's rule for [[s0 s1 s2] [s1 s2 s3] [s2 s3 s4]] (a b c) = (t0 t1 t2).
+        det = s0 * (s2 * s4 - s3 * s3) - s1 * (s1 * s4 - s3 * s2) + s2 * (s1 * s3 - s2 * s2)
+        if s0 >= 3 and det > 1e-9 * s0 * s2 * s4:
+            out[i] = (t0 * (s2 * s4 - s3 * s3) - s1 * (t1 * s4 - s3 * t2)
+                      + s2 * (t1 * s3 - s2 * t2)) / det
+        else:
+            det2 = s0 * s2 - s1 * s1
+            if s0 >= 2 and det2 > 1e-9 * s0 * s2:
+                out[i] = (t0 * s2 - s1 * t1) / det2
+            else:
+                out[i] = t0 / s0
 
 
 @njit(nogil=True, cache=True)
@@ -181,12 +233,8 @@ def _order_stat_z(i, k):
 
 
 @njit(nogil=True, cache=True)
-def _channel_stats(r, usable, med, sigma, stride, all_med):
-    """Per channel: median and (q90 - q50)/1.2816 of usable samples over time (NaN if none).
-
-    The noise (which is only used smoothed across channels) is computed on every `stride`-th
-    channel only, and so is the median unless `all_med`; the others get NaN.
-    """
+def _channel_median(r, usable, med):
+    """Per channel: median over time of the usable samples (NaN if none)."""
     n_t, n_f = r.shape
     # Gather channels in blocks so that the strided reads along time stay in cache.
     blk = 16
@@ -202,29 +250,53 @@ def _channel_stats(r, usable, med, sigma, stride, all_med):
                     cnt[i] += 1
         for i in range(nb):
             k = cnt[i]
-            f = f0 + i
-            want_sigma = f % stride == 0
-            if not (want_sigma or all_med):
-                med[f] = np.nan
-                sigma[f] = np.nan
-                continue
-            if k < 3:
-                med[f] = np.nan
-                sigma[f] = np.nan
+            if k == 0:
+                med[f0 + i] = np.nan
                 continue
             row = buf[i]
             k50 = k // 2
             _select(row, k50, 0, k)
-            q50 = row[k50]
-            med[f] = q50
-            if want_sigma:
-                k90 = max(k50 + 1, min(k - 1, int(0.9 * (k - 1) + 0.5)))
-                _select(row, k90, k50, k)
-                # Scale by the expected spacing of these order statistics, so that short
-                # blocks (few dumps) do not underestimate the noise.
-                sigma[f] = (row[k90] - q50) / (_order_stat_z(k90, k) - _order_stat_z(k50, k))
+            if k % 2:
+                med[f0 + i] = row[k50]
             else:
-                sigma[f] = np.nan
+                # Mean of the two middle values: a less noisy median for short blocks.
+                _select(row, k50 - 1, 0, k50)
+                med[f0 + i] = 0.5 * (row[k50] + row[k50 - 1])
+
+
+@njit(nogil=True, cache=True)
+def _pooled_noise(r, usable, center, group, sigma):
+    """Noise sigma of groups of `group` adjacent channels, each pooled over all dumps.
+
+    From the usable samples of the channels around each group centre, less their channel's
+    `center`: sigma = (q90 - q50)/(z90 - z50), the upper half of the distribution (for
+    noise-dominated, Rayleigh-distributed amplitudes it describes the heavier upper tail, which
+    a MAD would underestimate). Pooling keeps at least a few hundred samples per estimate
+    however short the block, so the estimate is nearly unbiased and precise; per-channel
+    estimates from a handful of dumps are skewed and their median across channels is biased
+    low, which over-flags short scans. The value goes to the group's centre channel, NaN
+    elsewhere.
+    """
+    n_t, n_f = r.shape
+    sigma[:] = np.nan
+    buf = np.empty(group * n_t, np.float32)
+    for c0 in range(0, n_f, group):
+        c1 = min(n_f, c0 + group)
+        k = 0
+        for t in range(n_t):
+            for f in range(c0, c1):
+                if usable[t, f] and not np.isnan(center[f]):
+                    buf[k] = r[t, f] - center[f]
+                    k += 1
+        if k < 8:
+            continue
+        k50 = k // 2
+        _select(buf, k50, 0, k)
+        q50 = buf[k50]
+        k90 = max(k50 + 1, min(k - 1, int(0.9 * (k - 1) + 0.5)))
+        _select(buf, k90, k50, k)
+        sigma[(c0 + c1 - 1) // 2] = (buf[k90] - q50) / (_order_stat_z(k90, k)
+                                                         - _order_stat_z(k50, k))
 
 
 @njit(nogil=True, cache=True)
@@ -319,22 +391,72 @@ def _dilate(flags, half_t, half_f, out):
 
 
 @njit(nogil=True, cache=True)
+def _dump_scale(amp, usable, skip, spectrum, sigma):
+    """Per dump: median over channels of amp/spectrum, from the channels where the spectrum
+    is signal-dominated (above ``SCALE_SNR`` sigma); 1 if there are too few of them.
+
+    A gain drift scales the signal; in noise-dominated data (cross hands of an unpolarised
+    calibrator) there is nothing to scale, and there a broadband burst would only pull the
+    median up and hide itself. Random-phase RFI hardly moves the median amplitude of a strong
+    signal.
+    """
+    n_t, n_f = amp.shape
+    scale = np.ones(n_t, np.float32)
+    strong = np.zeros(n_f, np.bool_)
+    n_strong = 0
+    for f in range(n_f):
+        strong[f] = not skip[f] and spectrum[f] > SCALE_SNR * sigma[f]
+        n_strong += strong[f]
+    if n_strong < max(16, n_f // 10):
+        return scale
+    buf = np.empty(n_f, np.float32)
+    for t in range(n_t):
+        k = 0
+        for f in range(n_f):
+            if usable[t, f] and strong[f]:
+                buf[k] = amp[t, f] / spectrum[f]
+                k += 1
+        if k > 0:
+            k50 = k // 2
+            _select(buf, k50, 0, k)
+            scale[t] = buf[k50]
+    return scale
+
+
+@njit(nogil=True, cache=True)
 def _flag_baseline(amp, missing, windows_t, windows_f, nsigma, rho, half_bg_t, half_bg_f,
                    half_spec, half_noise, reject, half_ext_t, half_ext_f, all_time_frac,
                    all_freq_frac, out):
     n_t, n_f = amp.shape
     usable = ~missing
+    # Channels per noise estimate: enough to pool ~POOL_SAMPLES samples over the block's dumps.
+    group = max(1, min(n_f, -(-POOL_SAMPLES // n_t)))
+    half_sig = max(half_noise, 2 * group)
     # 1. Time-median spectrum and its own SumThreshold along frequency.
     spec = np.empty(n_f, np.float32)
-    sig0 = np.empty(n_f, np.float32)
-    _channel_stats(amp, usable, spec, sig0, 4, True)
+    _channel_median(amp, usable, spec)
     spec_ok = ~np.isnan(spec)
+    sig0 = np.empty(n_f, np.float32)
+    _pooled_noise(amp, usable, spec, group, sig0)
+    spec_sigma = _smooth_sigma(sig0, half_sig)
+    # Deviations from a channel's own median understate sigma by about sqrt((n-1)/n).
+    dof = math.sqrt(n_t / (n_t - 1)) if n_t > 1 else 1.0
+    for f in range(n_f):
+        spec_sigma[f] *= dof
+    # Background of the spectrum: a running median, then twice a local quadratic fit without
+    # the channels that stand out from the previous estimate. The median alone flattens
+    # curvature (bias ~ S''·half²/6), which a strong smooth spectrum turns into many sigma.
     spec_bg = np.empty(n_f, np.float32)
     _running_median(spec, spec_ok, half_spec, spec_bg)
-    # Noise of a median of n samples is ~1.25·sigma/√n; sigma comes from the per-channel spread.
-    # (A running MAD of the spectrum itself would collapse at the block edges, where the
-    # shrinking running-median window follows the data exactly.)
-    spec_sigma = _smooth_sigma(sig0, half_noise)
+    fit_ok = np.empty(n_f, np.bool_)
+    for _ in range(2):
+        for f in range(n_f):
+            lim = SPEC_REJECT * 1.2533 * spec_sigma[f] / math.sqrt(n_t)
+            fit_ok[f] = spec_ok[f] and abs(spec[f] - spec_bg[f]) < lim
+        _local_quadratic(spec, fit_ok, half_spec, spec_bg)
+    # Noise of a median of n samples is ~1.25·sigma/√n. (A running MAD of the spectrum itself
+    # would collapse at the block edges, where the shrinking running-median window follows the
+    # data exactly.)
     zs = np.zeros(n_f, np.float32)
     dev_missing = np.empty(n_f, np.bool_)
     for f in range(n_f):
@@ -347,19 +469,19 @@ def _flag_baseline(amp, missing, windows_t, windows_f, nsigma, rho, half_bg_t, h
     spec_flags = np.zeros(n_f, np.bool_)
     _sum_threshold_1d(zs, dev_missing, spec_flags, windows_f, nsigma, rho,
                       np.empty(n_f, np.float32))
-    clean = spec.copy()
-    for f in range(n_f):
-        if spec_flags[f] or not spec_ok[f]:
-            clean[f] = spec_bg[f]
+    clean = spec_bg.copy()
     _fill_nans_linear(clean)
 
-    # 2. Residual from the per-channel background, then a masked smooth of what is left.
+    # 2. Background: the spectrum times a per-dump scale (gain drifts, a polarised source
+    # turning with parallactic angle: changes common to the band), then a masked smooth of
+    # what is left.
     sigma = spec_sigma
-    r = np.empty((n_t, n_f), np.float32)
     m = np.empty((n_t, n_f), np.bool_)
+    scale = _dump_scale(amp, usable, spec_flags, clean, sigma)
+    r = np.empty((n_t, n_f), np.float32)
     for t in range(n_t):
         for f in range(n_f):
-            r[t, f] = amp[t, f] - clean[f]
+            r[t, f] = amp[t, f] - clean[f] * scale[t]
             m[t, f] = usable[t, f] and not spec_flags[f] and abs(r[t, f]) < reject * sigma[f]
     bg_t = np.empty((n_t, n_f), np.float32)
     _box_smooth_time(r, m, half_bg_t, bg_t)
@@ -368,14 +490,13 @@ def _flag_baseline(amp, missing, windows_t, windows_f, nsigma, rho, half_bg_t, h
     for t in range(n_t):
         for f in range(n_f):
             r[t, f] -= bg[t, f]
-    # 3. Noise of the final residual (per channel, smoothed over frequency).
-    q50 = np.empty(n_f, np.float32)
-    sig1 = np.empty(n_f, np.float32)
+    # 3. Noise of the final residual (pooled over channel groups, smoothed over frequency).
     for t in range(n_t):
         for f in range(n_f):
             m[t, f] = usable[t, f] and not spec_flags[f]
-    _channel_stats(r, m, q50, sig1, 4, False)
-    sigma = _smooth_sigma(sig1, half_noise)
+    sig1 = np.empty(n_f, np.float32)
+    _pooled_noise(r, m, np.zeros(n_f, np.float32), group, sig1)
+    sigma = _smooth_sigma(sig1, half_sig)
     z = np.empty((n_t, n_f), np.float32)
     for t in range(n_t):
         for f in range(n_f):

@@ -24,8 +24,10 @@ never poison a solution.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -55,125 +57,212 @@ class StefcalResult(NamedTuple):
     ref_ant: np.ndarray
 
 
-@njit(nogil=True, cache=True, fastmath={"reassoc", "contract", "arcp"})
-def _jacobi_step(rr, ri, w, gr, gi, good, out_r, out_i):
-    """One StEFCal update of every good antenna from the previous iterate (gr, gi)."""
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract", "arcp", "nsz"})
+def _stefcal_update(rr, ri, w, gr, gi, ag2, num_r, num_i, den):
+    """Numerator Σ_q R[p,q]·g_q and denominator Σ_q w[p,q]·|g_q|² of every antenna's update.
+
+    The dense rows (unit stride, a multiple of the vector width for typical array sizes)
+    vectorise fully; the accumulators have the precision of the data, so complex64 solves run
+    in single precision throughout.
+    """
     n = gr.shape[0]
-    ag2 = gr * gr + gi * gi
     for p in range(n):
-        if not good[p]:
-            continue
-        nr = 0.0
-        ni = 0.0
-        d = 0.0
+        num_r[p] = 0
+        num_i[p] = 0
+        den[p] = 0
+        acc_r = num_r[p]
+        acc_i = num_i[p]
+        acc_d = den[p]
         for q in range(n):
             a = rr[p, q]
             b = ri[p, q]
-            nr += a * gr[q] - b * gi[q]
-            ni += a * gi[q] + b * gr[q]
-            d += w[p, q] * ag2[q]
-        if d > 0:
-            out_r[p] = nr / d
-            out_i[p] = ni / d
+            acc_r += a * gr[q] - b * gi[q]
+            acc_i += a * gi[q] + b * gr[q]
+            acc_d += w[p, q] * ag2[q]
+        num_r[p] = acc_r
+        num_i[p] = acc_i
+        den[p] = acc_d
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
+def _row_sums(m, out):
+    """Row sums of a square matrix (vectorised; weights are finite and non-negative)."""
+    for p in range(m.shape[0]):
+        out[p] = 0
+        t = out[p]
+        for q in range(m.shape[1]):
+            t += m[p, q]
+        out[p] = t
+
+
+@njit(nogil=True, cache=True)
+def _seed_gains(rr, ri, w, total_w, ref_ant, gr, gi):
+    """Starting gains from one row of the visibility matrix: V_sq ≈ g_s·conj(g_q), so the
+    phase of conj(V_sq) is that of g_q relative to the seed antenna s (the requested
+    reference antenna if it has data, else the best-connected one). Amplitudes start at the
+    RMS visibility amplitude. Starting with the phases nearly right roughly halves the
+    iterations at moderate and high SNR; the fixed point is the same."""
+    n = gr.shape[0]
+    s = ref_ant
+    if s < 0 or s >= n or not total_w[s] > 0:
+        s = 0
+        for p in range(n):
+            if total_w[p] > total_w[s]:
+                s = p
+    num = 0.0
+    wsum = 0.0
+    for q in range(n):
+        # gr/gi hold |V_sq| for now (finite: sanitised in the build).
+        a = float(rr[s, q])
+        b = float(ri[s, q])
+        gr[q] = math.sqrt(a * a + b * b)
+        if w[s, q] > 0:
+            num += gr[q]
+            wsum += w[s, q]
+    amp = math.sqrt(num / wsum) if wsum > 0 and num > 0 else 1.0
+    for q in range(n):
+        mag = gr[q]
+        if q != s and mag > 0:
+            gr[q] = amp * rr[s, q] / mag
+            gi[q] = -amp * ri[s, q] / mag
         else:
-            out_r[p] = gr[p]
-            out_i[p] = gi[p]
+            gr[q] = amp
+            gi[q] = 0.0
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def _stefcal_kernel(vis, weights, ant1, ant2, n_ants, ref_ant, init_gain, max_iters, conv_thresh,
-                    gains, iterations, converged, ref_used):
-    n_solves, n_bl = vis.shape
-    real_t = weights.dtype
-    thresh2 = conv_thresh * conv_thresh
-    for s in prange(n_solves):
-        rr = np.zeros((n_ants, n_ants), real_t)
-        ri = np.zeros((n_ants, n_ants), real_t)
-        w = np.zeros((n_ants, n_ants), real_t)
-        for k in range(n_bl):
-            a = ant1[k]
-            b = ant2[k]
-            if a == b:
-                continue
-            v = vis[s, k]
-            wt = weights[s, k]
-            # The comparisons are False for NaN, so NaN weights fall out here too.
-            if not (wt > 0 and wt < HIGH_WEIGHT and np.isfinite(v.real) and np.isfinite(v.imag)):
-                continue
-            rr[a, b] += wt * v.real
-            ri[a, b] += wt * v.imag
-            rr[b, a] += wt * v.real
-            ri[b, a] -= wt * v.imag
-            w[a, b] += wt
-            w[b, a] += wt
-        total_w = np.zeros(n_ants, np.float64)
-        good = np.zeros(n_ants, np.bool_)
+@njit(nogil=True, cache=True)
+def _stefcal_one(vis, weights, ant1, ant2, n_ants, ref_ant, init_gain, seed_init, max_iters,
+                 thresh2, rr, ri, w, gr, gi, new_r, new_i, ag2, den, total_w, gains):
+    """One StEFCal solve; the work arrays come from the caller and are reused across solves.
+
+    Returns (iterations, converged, reference antenna used or -1).
+    """
+    n_bl = vis.shape[0]
+    rr[:] = 0
+    ri[:] = 0
+    w[:] = 0
+    for k in range(n_bl):
+        a = ant1[k]
+        b = ant2[k]
+        if a == b:
+            continue
+        v = vis[k]
+        wt = weights[k]
+        # The comparisons are False for NaN, so NaN weights fall out here too.
+        if not (wt > 0 and wt < HIGH_WEIGHT and np.isfinite(v.real) and np.isfinite(v.imag)):
+            continue
+        re = wt * v.real
+        im = wt * v.imag
+        rr[a, b] += re
+        ri[a, b] += im
+        rr[b, a] += re
+        ri[b, a] -= im
+        w[a, b] += wt
+        w[b, a] += wt
+    _row_sums(w, total_w)
+    if seed_init:
+        _seed_gains(rr, ri, w, total_w, ref_ant, gr, gi)
+    else:
         for p in range(n_ants):
-            for q in range(n_ants):
-                total_w[p] += w[p, q]
-            good[p] = total_w[p] > 0
-        gr = np.empty(n_ants, real_t)
-        gi = np.empty(n_ants, real_t)
-        for p in range(n_ants):
-            g0 = init_gain[s, p]
+            g0 = init_gain[p]
             if np.isfinite(g0.real) and np.isfinite(g0.imag) and abs(g0) > 0:
                 gr[p] = g0.real
                 gi[p] = g0.imag
             else:
                 gr[p] = 1.0
                 gi[p] = 0.0
-        new_r = gr.copy()
-        new_i = gi.copy()
-        it = 0
-        conv = False
-        while it < max_iters:
-            _jacobi_step(rr, ri, w, gr, gi, good, new_r, new_i)
-            it += 1
-            if it % 2 == 0:
-                # Salvini & Wijnholds: test and average on every second iteration, which
-                # damps the two-cycle oscillation of the plain Jacobi update.
-                diff = 0.0
-                norm = 0.0
-                for p in range(n_ants):
-                    dr = new_r[p] - gr[p]
-                    di = new_i[p] - gi[p]
-                    diff += dr * dr + di * di
-                    norm += new_r[p] * new_r[p] + new_i[p] * new_i[p]
-                if diff <= thresh2 * norm:
-                    conv = True
-                    gr[:] = new_r
-                    gi[:] = new_i
-                    break
-                for p in range(n_ants):
-                    gr[p] = 0.5 * (new_r[p] + gr[p])
-                    gi[p] = 0.5 * (new_i[p] + gi[p])
+    it = 0
+    conv = False
+    while it < max_iters:
+        for p in range(n_ants):
+            ag2[p] = gr[p] * gr[p] + gi[p] * gi[p]
+        _stefcal_update(rr, ri, w, gr, gi, ag2, new_r, new_i, den)
+        for p in range(n_ants):
+            # An antenna without data (den = 0) keeps its value and ends up NaN below.
+            if den[p] > 0:
+                inv = 1 / den[p]
+                new_r[p] *= inv
+                new_i[p] *= inv
             else:
+                new_r[p] = gr[p]
+                new_i[p] = gi[p]
+        it += 1
+        if it % 2 == 0:
+            # Salvini & Wijnholds: test and average on every second iteration, which
+            # damps the two-cycle oscillation of the plain Jacobi update.
+            diff = 0.0
+            norm = 0.0
+            for p in range(n_ants):
+                dr = new_r[p] - gr[p]
+                di = new_i[p] - gi[p]
+                diff += dr * dr + di * di
+                norm += new_r[p] * new_r[p] + new_i[p] * new_i[p]
+            if diff <= thresh2 * norm:
+                conv = True
                 gr[:] = new_r
                 gi[:] = new_i
-        # Reference antenna: the requested one if it has data, else the best-connected one.
-        ref = ref_ant
-        if ref < 0 or ref >= n_ants or not good[ref] or gr[ref] * gr[ref] + gi[ref] * gi[ref] == 0:
-            ref = -1
-            best = 0.0
+                break
             for p in range(n_ants):
-                if good[p] and total_w[p] > best and gr[p] * gr[p] + gi[p] * gi[p] > 0:
-                    best = total_w[p]
-                    ref = p
-        ref_used[s] = ref
-        iterations[s] = it
-        converged[s] = conv
-        if ref < 0:
-            for p in range(n_ants):
-                gains[s, p] = np.nan + 1j * np.nan
-            continue
-        amp = np.sqrt(gr[ref] * gr[ref] + gi[ref] * gi[ref])
-        cr = gr[ref] / amp
-        ci = -gi[ref] / amp
+                gr[p] = 0.5 * (new_r[p] + gr[p])
+                gi[p] = 0.5 * (new_i[p] + gi[p])
+        else:
+            gr[:] = new_r
+            gi[:] = new_i
+    # Reference antenna: the requested one if it has data, else the best-connected one.
+    ref = ref_ant
+    if (ref < 0 or ref >= n_ants or not total_w[ref] > 0
+            or gr[ref] * gr[ref] + gi[ref] * gi[ref] == 0):
+        ref = -1
+        best = 0.0
         for p in range(n_ants):
-            if good[p]:
-                gains[s, p] = (gr[p] * cr - gi[p] * ci) + 1j * (gr[p] * ci + gi[p] * cr)
-            else:
-                gains[s, p] = np.nan + 1j * np.nan
+            if total_w[p] > best and gr[p] * gr[p] + gi[p] * gi[p] > 0:
+                best = total_w[p]
+                ref = p
+    if ref < 0:
+        for p in range(n_ants):
+            gains[p] = np.nan + 1j * np.nan
+        return it, conv, ref
+    amp = np.sqrt(gr[ref] * gr[ref] + gi[ref] * gi[ref])
+    cr = gr[ref] / amp
+    ci = -gi[ref] / amp
+    for p in range(n_ants):
+        if total_w[p] > 0:
+            gains[p] = (gr[p] * cr - gi[p] * ci) + 1j * (gr[p] * ci + gi[p] * cr)
+        else:
+            gains[p] = np.nan + 1j * np.nan
+    return it, conv, ref
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _stefcal_kernel(vis, weights, ant1, ant2, n_ants, ref_ant, init_gain, seed_init, max_iters,
+                    conv_thresh, n_chunks, gains, iterations, converged, ref_used):
+    """Independent solves over the rows of vis (n_solves, n_bl). weights and init_gain have
+    1 or n_solves rows (a single row is shared by every solve, so the common cases never
+    materialise a broadcast). Each of the n_chunks runs of consecutive solves allocates its
+    work arrays once."""
+    n_solves = vis.shape[0]
+    real_t = weights.dtype
+    thresh2 = conv_thresh * conv_thresh
+    for c in prange(n_chunks):
+        rr = np.empty((n_ants, n_ants), real_t)
+        ri = np.empty((n_ants, n_ants), real_t)
+        w = np.empty((n_ants, n_ants), real_t)
+        gr = np.empty(n_ants, real_t)
+        gi = np.empty(n_ants, real_t)
+        new_r = np.empty(n_ants, real_t)
+        new_i = np.empty(n_ants, real_t)
+        ag2 = np.empty(n_ants, real_t)
+        den = np.empty(n_ants, real_t)
+        total_w = np.empty(n_ants, real_t)
+        for s in range(c * n_solves // n_chunks, (c + 1) * n_solves // n_chunks):
+            w_row = weights[s if weights.shape[0] > 1 else 0]
+            g_row = init_gain[s if init_gain.shape[0] > 1 else 0]
+            it, conv, ref = _stefcal_one(vis[s], w_row, ant1, ant2, n_ants, ref_ant, g_row,
+                                         seed_init, max_iters, thresh2, rr, ri, w, gr, gi,
+                                         new_r, new_i, ag2, den, total_w, gains[s])
+            iterations[s] = it
+            converged[s] = conv
+            ref_used[s] = ref
 
 
 def _check_bls(bls: np.ndarray, n_ants: int) -> np.ndarray:
@@ -185,16 +274,23 @@ def _check_bls(bls: np.ndarray, n_ants: int) -> np.ndarray:
     return bls.astype(np.int64)
 
 
-def _broadcast_weights(weights, vis: np.ndarray, real_dtype) -> np.ndarray:
+def _weight_rows(weights, vis: np.ndarray, real_dtype) -> np.ndarray:
+    """Weights as (1 or n_solves, n_bl) rows of `real_dtype`: a single row when they do not
+    vary between solves, so the common cases (no weights, per-baseline weights) cost nothing."""
+    n_bl = vis.shape[-1]
     if weights is None:
-        return np.ones(vis.shape, real_dtype)
+        return np.ones((1, n_bl), real_dtype)
     weights = np.asarray(weights)
     try:
-        return np.broadcast_to(weights, vis.shape).astype(real_dtype)
+        full = np.broadcast_to(weights, vis.shape)
     except ValueError:
         raise ValueError(
             f"weights of shape {weights.shape} do not broadcast to vis {vis.shape}"
         ) from None
+    if weights.ndim <= 1 or all(s == 1 for s in weights.shape[:-1]):
+        return np.ascontiguousarray(np.broadcast_to(weights.reshape(-1), (1, n_bl)),
+                                    real_dtype)
+    return np.ascontiguousarray(full.reshape(-1, n_bl), real_dtype)
 
 
 def stefcal(
@@ -210,7 +306,10 @@ def stefcal(
     """Solve for per-antenna complex gains with StEFCal, many independent solves at once.
 
     Every leading axis of `vis` is an independent problem (channel, interval, pol ...); the
-    solves run in parallel over numba threads.
+    solves run in parallel over numba threads, so one call with many solves is much cheaper
+    than many calls. Weights shared by all solves (None, a scalar or one value per baseline)
+    are never broadcast in memory. For speed, pass `vis` with baselines contiguous (C order):
+    other layouts are copied first.
 
     Parameters
     ----------
@@ -228,7 +327,9 @@ def stefcal(
         referenced to the antenna with the most total weight instead (reported in
         ``ref_ant`` of the result). A negative value always picks that antenna.
     init_gain : ndarray, complex, optional
-        Initial gains broadcastable to (..., n_ants). Default: all 1.
+        Initial gains broadcastable to (..., n_ants). Default: phases from the visibilities
+        of the reference antenna's baselines (``conj(V_ref,q)``) and a common amplitude, which
+        converges in about half the iterations of all-ones at moderate and high SNR.
     max_iters : int
         Maximum number of iterations.
     conv_thresh : float
@@ -250,11 +351,11 @@ def stefcal(
         raise ValueError(f"vis last axis {vis.shape[-1:]} does not match {len(bls)} baselines")
     real_dtype = np.float32 if vis.dtype == np.complex64 else np.float64
     lead = vis.shape[:-1]
-    w = _broadcast_weights(weights, vis, real_dtype).reshape(-1, len(bls))
-    flat = vis.reshape(-1, len(bls))
+    w = _weight_rows(weights, vis, real_dtype)
+    flat = np.ascontiguousarray(vis.reshape(-1, len(bls)))
     n_solves = flat.shape[0]
     if init_gain is None:
-        g0 = np.ones((n_solves, n_ants), vis.dtype)
+        g0 = np.ones((1, n_ants), vis.dtype)
     else:
         g0 = np.broadcast_to(np.asarray(init_gain, vis.dtype), (*lead, n_ants))
         g0 = np.ascontiguousarray(g0.reshape(n_solves, n_ants))
@@ -262,9 +363,11 @@ def stefcal(
     iterations = np.empty(n_solves, np.int32)
     converged = np.empty(n_solves, np.bool_)
     ref_used = np.empty(n_solves, np.int32)
-    _stefcal_kernel(np.ascontiguousarray(flat), np.ascontiguousarray(w), bls[:, 0].copy(),
-                    bls[:, 1].copy(), n_ants, int(ref_ant), g0, int(max_iters),
-                    float(conv_thresh), gains, iterations, converged, ref_used)
+    if n_solves:
+        n_chunks = min(n_solves, 4 * numba.get_num_threads())
+        _stefcal_kernel(flat, w, bls[:, 0].copy(), bls[:, 1].copy(), n_ants, int(ref_ant), g0,
+                        init_gain is None, int(max_iters), float(conv_thresh), n_chunks, gains,
+                        iterations, converged, ref_used)
     return StefcalResult(gains.reshape(*lead, n_ants), iterations.reshape(lead),
                          converged.reshape(lead), ref_used.reshape(lead))
 

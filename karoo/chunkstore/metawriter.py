@@ -32,7 +32,7 @@ from typing import Optional
 
 from aiokatcp import DeviceStatus, FailReply, Sensor
 
-from ..service import Service, add_service_arguments, run_service
+from ..service import Service, add_service_arguments, set_service_factory
 from ..telstate import aio as telstate_aio
 from .store import ChunkStore, ChunkStoreError
 
@@ -239,4 +239,5 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--s3-endpoint-url", default=None,
                         help="S3 endpoint (else AWS_ENDPOINT_URL; credentials from the AWS env)")
     add_service_arguments(parser, "meta_writer")
-    parser.set_defaults(func=lambda args: run_service(_make_service, args), port=2049)
+    set_service_factory(parser, _make_service)
+    parser.set_defaults(port=2049)

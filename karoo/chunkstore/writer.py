@@ -55,7 +55,7 @@ import spead2.recv
 import spead2.recv.asyncio
 from aiokatcp import DeviceStatus, FailReply, Sensor
 
-from ..service import Service, add_service_arguments, run_service
+from ..service import Service, add_service_arguments, set_service_factory
 from ..spead.transport import Endpoint, add_readers
 from .store import ARRAYS, DATA_LOST, ChunkStore, ChunkStoreError, StreamStore
 
@@ -703,8 +703,8 @@ def _add_writer_parser(subparsers, command: str, flags_only: bool):
                         help="how late (in dumps) a heap may arrive [%(default)s]")
     add_service_arguments(parser, "flag_writer" if flags_only else "vis_writer")
     # The anchors' ports, so that both writers can run on one host.
-    parser.set_defaults(func=lambda args: run_service(_make_service, args),
-                        flags_only=flags_only, port=2052 if flags_only else 2046)
+    set_service_factory(parser, _make_service)
+    parser.set_defaults(flags_only=flags_only, port=2052 if flags_only else 2046)
 
 
 def _make_service(telstate, args) -> VisWriterService:

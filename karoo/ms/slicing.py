@@ -149,11 +149,19 @@ def write_ms(
 def concat_slices(parts: Sequence[str | os.PathLike], path: str | os.PathLike) -> Path:
     """Concatenate time slices into one MS at `path` (virtual, referring to the parts).
 
-    Uses casacore's ``msconcat`` with ``concatTime=True``: MAIN rows follow the parts in
-    order and the subtables are the first part's, which is right because every slice of an
-    export carries the same global subtables.
+    What casacore's ``msconcat(..., concatTime=True)`` does, without its console output: MAIN
+    rows follow the parts in order and the subtables are the first part's, which is right
+    because every slice of an export carries the same global subtables. The parts are
+    recorded relative to `path`'s directory, so moving both together keeps it readable.
     """
     if not parts:
         raise ValueError("no parts to concatenate")
-    tables.msconcat([str(p) for p in parts], str(path), concatTime=True)
-    return Path(path)
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists")
+    concat = tables.table([str(p) for p in parts], ack=False)
+    try:
+        concat.rename(str(path))
+    finally:
+        concat.close()
+    return path

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
 from karoo.sim.astro import uvw_basis
@@ -9,17 +12,16 @@ from karoo.sim.astro import uvw_basis
 from .layout import AntennaUVW, Target
 
 
-def geometric_uvw(
-    enu: np.ndarray, targets: list[Target], latitude: float, longitude: float
-) -> AntennaUVW:
-    """Hook computing per-antenna uvw (metres) towards each dump's target.
+@dataclass(frozen=True)
+class GeometricUVW:
+    """Picklable `AntennaUVW` hook: per-antenna uvw (metres) towards each dump's target.
 
     Uses katpoint's definition (w towards the apparent phase centre; u, v aligned with the
     J2000 axes), relative to the array reference position. The MS writer turns it into
     baseline uvw as ``uvw[ANTENNA1] - uvw[ANTENNA2]``, the sign katdal writes (CASA
     practice rather than the wording of MS note 229).
 
-    Parameters
+    Attributes
     ----------
     enu
         ``(A, 3)`` antenna ENU offsets from the reference position, metres.
@@ -28,17 +30,27 @@ def geometric_uvw(
     latitude, longitude
         Geodetic reference position, radians.
     """
-    enu = np.asarray(enu, np.float64)
 
-    def hook(timestamps: np.ndarray, target: np.ndarray) -> np.ndarray:
+    enu: np.ndarray
+    targets: tuple[Target, ...]
+    latitude: float
+    longitude: float
+
+    def __call__(self, timestamps: np.ndarray, target: np.ndarray) -> np.ndarray:
         timestamps = np.asarray(timestamps, np.float64)
         target = np.asarray(target)
+        enu = np.asarray(self.enu, np.float64)
         out = np.empty((len(timestamps), len(enu), 3))
         for index in np.unique(target):
             dumps = target == index
-            tgt = targets[int(index)]
-            basis = uvw_basis(tgt.ra, tgt.dec, timestamps[dumps], latitude, longitude)
+            tgt = self.targets[int(index)]
+            basis = uvw_basis(tgt.ra, tgt.dec, timestamps[dumps], self.latitude, self.longitude)
             out[dumps] = np.einsum("tij,aj->tai", basis, enu)
         return out
 
-    return hook
+
+def geometric_uvw(
+    enu: np.ndarray, targets: Sequence[Target], latitude: float, longitude: float
+) -> AntennaUVW:
+    """A `GeometricUVW` hook for `MSInput.antenna_uvw` (see there for the conventions)."""
+    return GeometricUVW(np.asarray(enu, np.float64), tuple(targets), latitude, longitude)

@@ -12,6 +12,8 @@ Values written per row:
 * FLAG: ``(flags & flag_mask) != 0``; FLAG_ROW: every FLAG of the row set.
 * WEIGHT_SPECTRUM: the weights as given; SIGMA_SPECTRUM: ``weight ** -0.5``.
 * WEIGHT: mean of WEIGHT_SPECTRUM over channels; SIGMA: ``WEIGHT ** -0.5``.
+* When a block gives ``sigma_weights`` (CASA's convention after ``applycal``: WEIGHT* go with
+  CORRECTED_DATA, SIGMA* with the raw DATA), SIGMA and SIGMA_SPECTRUM come from them instead.
 * Zero weight gives SIGMA (and SIGMA_SPECTRUM) = inf, so that ``1 / SIGMA**2`` is again 0
   (katdal's policy); pass ``zero_weight_sigma`` to choose another value.
 * Missing correlation products: DATA 0, WEIGHT 0, FLAG set.
@@ -24,10 +26,15 @@ interrupted export never leaves something that looks like a complete MS.
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import logging
 import math
 import os
+import pickle
 import shutil
+import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from casacore import tables
 
-from .kernels import gather_rows
+from .kernels import block_to_rows, gather_rows
 from .layout import MJD_UNIX_OFFSET, MSInput, MSLayout
 
 logger = logging.getLogger(__name__)
@@ -67,6 +74,9 @@ class DumpBlock:
         omitted, ``MSInput.antenna_uvw`` is used.
     corrected
         Optional ``(T, F, B)`` complex64 for CORRECTED_DATA (DATA is copied if omitted).
+    sigma_weights
+        Optional ``(T, F, B)`` float32 weights from which SIGMA and SIGMA_SPECTRUM are
+        derived (default `weights`): the raw weights when `weights` are calibrated ones.
     """
 
     first_dump: int
@@ -75,10 +85,20 @@ class DumpBlock:
     weights: np.ndarray
     uvw: np.ndarray | None = None
     corrected: np.ndarray | None = None
+    sigma_weights: np.ndarray | None = None
 
     @property
     def n_dumps(self) -> int:
         return len(self.vis)
+
+
+@dataclass
+class MainRows:
+    """MAIN columns of a block of dumps, ready for ``putcol`` (see `MSWriter.rows`)."""
+
+    first_dump: int
+    n_dumps: int
+    columns: dict[str, np.ndarray]
 
 
 def _tile_rows(n_baselines: int, n_dumps: int, row_bits: int, tile_bytes: int) -> int:
@@ -199,50 +219,46 @@ class MSWriter:
 
     def append(self, block: DumpBlock) -> None:
         """Write one block of dumps as ``T * nbl`` new MAIN rows (see the module docstring)."""
+        self.write_rows(self.rows(block))
+
+    def rows(self, block: DumpBlock) -> MainRows:
+        """The MAIN rows of `block`, computed without touching the table.
+
+        Safe to call from another thread while `write_rows` writes the previous block, which
+        is how an export overlaps the transpose with casacore's writes.
+        """
         meta, layout = self.meta, self.layout
         n_dumps, nbl = block.n_dumps, layout.n_baselines
         dumps = np.arange(block.first_dump, block.first_dump + n_dumps)
         expected = (n_dumps, meta.n_chans)
-        for name in ("vis", "flags", "weights"):
+        for name in ("vis", "flags", "weights", "corrected", "sigma_weights"):
+            if getattr(block, name) is None:
+                continue
             shape = np.shape(getattr(block, name))
             if len(shape) != 3 or shape[:2] != expected:
                 raise ValueError(
                     f"{name} must have shape (T, F, B) = {expected} + (B,), not {shape}"
                 )
-        if block.first_dump < self._next_dump:
-            raise ValueError(
-                f"dumps must be appended in time order: block starts at dump {block.first_dump}, "
-                f"dump {self._next_dump - 1} is already written"
-            )
         if n_dumps == 0:
-            return
+            return MainRows(block.first_dump, 0, {})
         if dumps[-1] >= meta.n_dumps:
             raise ValueError(f"dumps {dumps[0]}..{dumps[-1]} beyond the {meta.n_dumps} described")
         outside = dumps[layout.scan_number[dumps] < 0]
         if len(outside):
             raise ValueError(f"dumps {outside.tolist()} belong to no scan")
 
-        data = gather_rows(np.asarray(block.vis, np.complex64), layout.corr_index, 0)
-        flag_bits = np.asarray(block.flags)
-        if flag_bits.dtype == np.bool_:
-            flag_bits = flag_bits.view(np.uint8)
-        flag = (
-            gather_rows(flag_bits.astype(np.uint8, copy=False), layout.corr_index, 0xFF)
-            & np.uint8(self.flag_mask)
-        ) != 0
-        weight_spectrum = gather_rows(np.asarray(block.weights, np.float32), layout.corr_index, 0)
-        weight = weight_spectrum.mean(axis=1, dtype=np.float64).astype(np.float32)
-        cols: dict[str, np.ndarray] = {
-            "DATA": data,
-            "FLAG": flag,
-            "FLAG_ROW": flag.all(axis=(1, 2)),
-            "WEIGHT": weight,
-            "SIGMA": self._sigma(weight),
-            "UVW": self._uvw(block, dumps),
-        }
-        if "WEIGHT_SPECTRUM" in self.columns:
-            cols["WEIGHT_SPECTRUM"] = weight_spectrum
-            cols["SIGMA_SPECTRUM"] = self._sigma(weight_spectrum)
+        cols = block_to_rows(
+            block.vis,
+            block.flags,
+            block.weights,
+            layout.corr_index,
+            sigma_weights=block.sigma_weights,
+            flag_mask=self.flag_mask,
+            zero_sigma=self.zero_weight_sigma,
+            spectrum="WEIGHT_SPECTRUM" in self.columns,
+        )
+        data = cols["DATA"]
+        cols["UVW"] = self._uvw(block, dumps)
         if "CORRECTED_DATA" in self.columns:
             cols["CORRECTED_DATA"] = (
                 data
@@ -270,20 +286,24 @@ class MSWriter:
         zeros = np.zeros(n_rows, np.int32)
         for name in ("FEED1", "FEED2", "DATA_DESC_ID", "ARRAY_ID", "OBSERVATION_ID"):
             cols[name] = zeros
+        return MainRows(block.first_dump, n_dumps, cols)
 
+    def write_rows(self, rows: MainRows) -> None:
+        """Append rows from `rows` (blocks in time order) to MAIN."""
+        if rows.first_dump < self._next_dump:
+            raise ValueError(
+                f"dumps must be appended in time order: block starts at dump {rows.first_dump}, "
+                f"dump {self._next_dump - 1} is already written"
+            )
+        if rows.n_dumps == 0:
+            return
+        n_rows = rows.n_dumps * self.layout.n_baselines
         start = self.table.nrows()
         self.table.addrows(n_rows)
-        for name, values in cols.items():
+        for name, values in rows.columns.items():
             self.table.putcol(name, values, startrow=start, nrow=n_rows)
-        self._next_dump = block.first_dump + n_dumps
-        self.dumps_written += n_dumps
-
-    def _sigma(self, weight: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore"):
-            sigma = np.reciprocal(np.sqrt(weight))
-        if not math.isinf(self.zero_weight_sigma):
-            sigma[weight == 0] = self.zero_weight_sigma
-        return sigma
+        self._next_dump = rows.first_dump + rows.n_dumps
+        self.dumps_written += rows.n_dumps
 
     def _uvw(self, block: DumpBlock, dumps: np.ndarray) -> np.ndarray:
         nbl = self.layout.n_baselines
@@ -358,19 +378,80 @@ def create_ms(
     shutil.rmtree(partial, ignore_errors=True)
     if path.exists():
         shutil.rmtree(path)
-    tabdesc, dminfo = main_table_layout(
-        meta, layout, corrected_data=corrected_data, spectrum=spectrum, tile_bytes=tile_bytes
-    )
-    table = tables.default_ms(str(partial), tabdesc, dminfo)
-    try:
-        _write_subtables(table, partial, meta, layout, receptor_angle, source_table)
-    except BaseException:
-        table.close()
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    options = (corrected_data, spectrum, source_table, tile_bytes, tuple(receptor_angle))
+    template = _TEMPLATES.get(meta, options)
+    if template is not None:
+        shutil.copytree(template, partial)
+        table = tables.table(str(partial), readonly=False, ack=False)
+    else:
+        table = _create_empty_ms(partial, meta, layout, *options)
     return MSWriter(
         path, partial, table, meta, layout, flag_mask=flag_mask, zero_weight_sigma=zero_weight_sigma
     )
+
+
+def _create_empty_ms(
+    path: Path,
+    meta: MSInput,
+    layout: MSLayout,
+    corrected_data: bool,
+    spectrum: bool,
+    source_table: bool,
+    tile_bytes: int,
+    receptor_angle: tuple[float, float],
+) -> tables.table:
+    """A new MS at `path`: MAIN without rows, subtables filled; returned open for writing."""
+    tabdesc, dminfo = main_table_layout(
+        meta, layout, corrected_data=corrected_data, spectrum=spectrum, tile_bytes=tile_bytes
+    )
+    table = tables.default_ms(str(path), tabdesc, dminfo)
+    try:
+        _write_subtables(table, path, meta, layout, receptor_angle, source_table)
+    except BaseException:
+        table.close()
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return table
+
+
+class _TemplateCache:
+    """Empty MSs (subtables filled, MAIN without rows) already built in this process.
+
+    casacore takes a few tenths of a second to create an MS and its 12 subtables, which
+    dominates small slices; every slice of an export has the same empty MS, so a process
+    writing several builds it once and copies the directory (a few milliseconds). A template
+    is only reused for the same `MSInput` and options (compared by their pickled bytes).
+    """
+
+    def __init__(self, max_templates: int = 4) -> None:
+        self.max_templates = max_templates
+        self._dir: Path | None = None
+        self._paths: dict[bytes, Path] = {}
+        self._lock = threading.Lock()
+
+    def get(self, meta: MSInput, options: tuple) -> Path | None:
+        """The template for `meta` and `options`, built now if needed (None: not cacheable)."""
+        try:
+            key = hashlib.sha256(pickle.dumps((meta, options), protocol=5)).digest()
+        except Exception:  # e.g. an antenna_uvw hook that does not pickle: build each time
+            return None
+        with self._lock:
+            path = self._paths.get(key)
+            if path is not None and path.exists():
+                return path
+            if self._dir is None:
+                self._dir = Path(tempfile.mkdtemp(prefix="karoo-ms-templates-"))
+                atexit.register(shutil.rmtree, self._dir, ignore_errors=True)
+            if len(self._paths) >= self.max_templates:
+                old = self._paths.pop(next(iter(self._paths)))
+                shutil.rmtree(old, ignore_errors=True)
+            path = self._dir / f"{key.hex()[:16]}.ms"
+            _create_empty_ms(path, meta, MSLayout.from_input(meta), *options).close()
+            self._paths[key] = path
+            return path
+
+
+_TEMPLATES = _TemplateCache()
 
 
 def append_dumps(

@@ -307,6 +307,7 @@ class Simulator:
         capture_block_id: str | None = None,
         sensor_period: float = 10.0,
         weather_period: float = 60.0,
+        capture_block: bool = True,
     ) -> None:
         """Write CBF attributes and CAM sensors, timestamped to follow the script.
 
@@ -322,6 +323,9 @@ class Simulator:
             Sampling interval (s) of the antenna position sensors.
         weather_period
             Sampling interval (s) of the ``anc_*`` weather sensors.
+        capture_block
+            Whether to write the capture block's sensors too (see `write_capture_block`);
+            a daemon that learns the capture block id later writes them then.
         """
         obs = self.observation
         cbid = capture_block_id or str(int(obs.start_time))
@@ -338,24 +342,41 @@ class Simulator:
         ts.add("sub_product", product, immutable=True)
         for ant in self.array.antennas:
             ts.add(f"{ant.name}_observer", ant.description, immutable=True)
+        start = obs.start_time
+        for ant in names:
+            ts.add(f"{ant}_data_suspect", False, ts=start)
+        for scan, t0, target in zip(obs.scans, obs.scan_starts, self._targets, strict=True):
+            desc = target.description
+            ts.add("cbf_target", desc, ts=t0)
+            for ant in names:
+                ts.add(f"{ant}_target", desc, ts=t0)
+                ts.add(f"{ant}_activity", scan.activity, ts=t0)
+        if capture_block:
+            self.write_capture_block(ts, cbid)
+        end = obs.end_time
+        for ant in names:
+            ts.add(f"{ant}_activity", "stop", ts=end)
+        self._write_pointing(ts, np.arange(start, end + 1e-6, sensor_period))
+        self._write_weather(ts, np.arange(start, end + 1e-6, weather_period))
+
+    def write_capture_block(self, ts, capture_block_id: str) -> None:
+        """The capture block's observation sensors, as CAM writes them for each capture block:
+        ``<cbid>_obs_params``, ``_obs_activity``, ``_obs_label`` and ``_obs_script_log``."""
+        obs = self.observation
+        cbid = capture_block_id
         ts.add(
             f"{cbid}_obs_params",
             {
                 "observer": "karoo.sim",
                 "description": "Simulated calibrator and target observation",
                 "experiment_id": cbid,
-                "ants": ",".join(names),
+                "ants": ",".join(self.array.names),
                 "sb_id_code": f"sim-{cbid}",
             },
             immutable=True,
         )
-        start = obs.start_time
-        ts.add(f"{cbid}_obs_script_log", "Simulated observation started", ts=start)
-        for ant in names:
-            ts.add(f"{ant}_data_suspect", False, ts=start)
+        ts.add(f"{cbid}_obs_script_log", "Simulated observation started", ts=obs.start_time)
         for scan, t0, target in zip(obs.scans, obs.scan_starts, self._targets, strict=True):
-            desc = target.description
-            ts.add("cbf_target", desc, ts=t0)
             ts.add(f"{cbid}_obs_activity", scan.activity, ts=t0)
             if scan.label:
                 ts.add(f"{cbid}_obs_label", scan.label, ts=t0)
@@ -363,16 +384,8 @@ class Simulator:
                 scan.activity, "Stopped at"
             )
             ts.add(f"{cbid}_obs_script_log", f"{verb} {target.name} for {scan.duration:g} s", ts=t0)
-            for ant in names:
-                ts.add(f"{ant}_target", desc, ts=t0)
-                ts.add(f"{ant}_activity", scan.activity, ts=t0)
-        end = obs.end_time
-        ts.add(f"{cbid}_obs_activity", "stop", ts=end)
-        ts.add(f"{cbid}_obs_script_log", "Simulated observation ended", ts=end)
-        for ant in names:
-            ts.add(f"{ant}_activity", "stop", ts=end)
-        self._write_pointing(ts, np.arange(start, end + 1e-6, sensor_period))
-        self._write_weather(ts, np.arange(start, end + 1e-6, weather_period))
+        ts.add(f"{cbid}_obs_activity", "stop", ts=obs.end_time)
+        ts.add(f"{cbid}_obs_script_log", "Simulated observation ended", ts=obs.end_time)
 
     def _write_pointing(self, ts, times: np.ndarray) -> None:
         # Dishes point at the scan target (no slew trajectory); all dishes share the

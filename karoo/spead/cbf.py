@@ -477,6 +477,13 @@ class CBFReceiver:
         return int(self._stream.stats["heaps"])
 
     @property
+    def latest_dump(self) -> int:
+        """Newest dump index a heap has been placed in (-1: none yet). Updated by the place
+        callback as each heap starts, unlike spead2's statistics, which are published per
+        batch of packets (an in-process reader may take a whole queue as one batch)."""
+        return int(self._state[_place.P_LATEST])
+
+    @property
     def timestamp_base(self) -> int | None:
         """Timestamp of dump index 0, once known."""
         return int(self._state[_place.P_BASE]) if self._state[_place.P_BASE_SET] else None

@@ -286,6 +286,10 @@ class L0Receiver:
         Channels per heap (``<l0>_n_chans_per_substream`` in telstate).
     max_pending
         Dumps under assembly at once (how unsynchronised senders may be).
+    channel_range
+        ``(first, stop)``: receive only these channels of the band (a band-split consumer
+        that listens to a subset of the senders); dumps then hold ``stop - first``
+        channels. Default: the whole band.
     """
 
     def __init__(
@@ -296,6 +300,7 @@ class L0Receiver:
         n_chans_per_substream: int,
         *,
         max_pending: int = 2,
+        channel_range: tuple[int, int] | None = None,
         max_packet_size: int = 9200,
         buffer_size: int = 16 * 1024 * 1024,
         interface_address: str = "",
@@ -303,10 +308,16 @@ class L0Receiver:
     ) -> None:
         if n_chans % n_chans_per_substream:
             raise ValueError("n_chans must be a multiple of n_chans_per_substream")
+        first, stop = (0, n_chans) if channel_range is None else channel_range
+        if not 0 <= first < stop <= n_chans or first % n_chans_per_substream \
+                or stop % n_chans_per_substream:
+            raise ValueError(f"channel_range {first}:{stop} must lie within 0:{n_chans} on "
+                             f"substream boundaries ({n_chans_per_substream} channels)")
         self.n_chans = n_chans
+        self.channel_range = (first, stop)
         self.n_bls = n_bls
         self.chans_per_substream = n_chans_per_substream
-        self.n_substreams = n_chans // n_chans_per_substream
+        self.n_substreams = (stop - first) // n_chans_per_substream
         self.max_pending = max_pending
         heap_bytes = _heap_bytes(n_chans_per_substream, n_bls)
         ring_heaps = self.n_substreams + 4
@@ -353,7 +364,8 @@ class L0Receiver:
 
     @property
     def stopped_substreams(self) -> frozenset[int]:
-        """Substreams (first channel / n_chans_per_substream) whose stop heap arrived."""
+        """Substreams ((first channel - channel_range[0]) / n_chans_per_substream) whose stop
+        heap arrived."""
         return frozenset(self._stopped_substreams)
 
     # -- assembly ------------------------------------------------------------------------
@@ -384,10 +396,11 @@ class L0Receiver:
     def _handle_stop(self, heap: spead2.recv.Heap) -> None:
         self._counts["stop_heaps"] += 1
         first = heap.cnt % self.n_chans
-        if first % self.chans_per_substream:
+        lo, hi = self.channel_range
+        if first % self.chans_per_substream or not lo <= first < hi:
             self._counts["bad_stop"] += 1
             return
-        self._stopped_substreams.add(first // self.chans_per_substream)
+        self._stopped_substreams.add((first - lo) // self.chans_per_substream)
         if len(self._stopped_substreams) == self.n_substreams:
             self._flush_all()
             self._ended = True
@@ -423,8 +436,9 @@ class L0Receiver:
         ):
             self._counts["bad_shape"] += 1
             return
+        lo, hi = self.channel_range
         first = int(updated["frequency"].value)
-        if first % c or not 0 <= first < self.n_chans:
+        if first % c or not lo <= first < hi:
             self._counts["bad_channel"] += 1
             return
         index = int(updated["dump_index"].value)
@@ -434,13 +448,13 @@ class L0Receiver:
         pending = self._pending.get(index)
         if pending is None:
             pending = self._pending[index] = _Pending(
-                index, self.n_chans, self.n_bls, self.n_substreams
+                index, hi - lo, self.n_bls, self.n_substreams
             )
-        sub = first // c
+        sub = (first - lo) // c
         if pending.present[sub]:
             self._counts["duplicate"] += 1
             return
-        part = slice(first, first + c)
+        part = slice(first - lo, first - lo + c)
         pending.vis[part] = vis
         pending.flags[part] = flags
         pending.weights[part] = weights

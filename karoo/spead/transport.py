@@ -26,6 +26,7 @@ sending to it fails with an OSError, which is raised as is.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import socket
@@ -196,16 +197,43 @@ def parse_transport(text: str | TransportSpec) -> TransportSpec:
 # -- in-process queues -------------------------------------------------------------------------
 
 _inproc_lock = threading.Lock()
-_inproc_queues: dict[str, spead2.InprocQueue] = {}
+# name -> queues: the first is the queue of `inproc_queue(name)` (and of the first reader); every
+# further reader of the same name gets its own queue, so that an in-process stream, like a
+# multicast group, reaches every receiver (the L0 stream feeds both the vis writer and cal).
+_inproc_queues: dict[str, list[spead2.InprocQueue]] = {}
+_inproc_readers: dict[str, int] = {}
 
 
 def inproc_queue(name: str) -> spead2.InprocQueue:
     """The process-wide in-process queue called `name` (created on first use)."""
     with _inproc_lock:
-        queue = _inproc_queues.get(name)
-        if queue is None:
-            queue = _inproc_queues[name] = spead2.InprocQueue()
+        queues = _inproc_queues.setdefault(name, [])
+        if not queues:
+            queues.append(spead2.InprocQueue())
+        return queues[0]
+
+
+def _subscribe_inproc(name: str) -> spead2.InprocQueue:
+    """A queue of `name` for a new reader: the first one, or a fresh one for each later reader."""
+    with _inproc_lock:
+        queues = _inproc_queues.setdefault(name, [])
+        if not queues:
+            queues.append(spead2.InprocQueue())
+        readers = _inproc_readers.get(name, 0)
+        _inproc_readers[name] = readers + 1
+        if readers == 0:
+            return queues[0]
+        queue = spead2.InprocQueue()
+        queues.append(queue)
         return queue
+
+
+def _inproc_subscribers(name: str) -> list[spead2.InprocQueue]:
+    with _inproc_lock:
+        queues = _inproc_queues.setdefault(name, [])
+        if not queues:
+            queues.append(spead2.InprocQueue())
+        return list(queues)
 
 
 def remove_inproc_queues(spec: str | TransportSpec) -> None:
@@ -217,6 +245,61 @@ def remove_inproc_queues(spec: str | TransportSpec) -> None:
     with _inproc_lock:
         for ep in spec.endpoints:
             _inproc_queues.pop(ep.host, None)
+            _inproc_readers.pop(ep.host, None)
+
+
+class InprocFanoutStream:
+    """An asyncio send stream over named in-process queues that copies each heap to every reader.
+
+    Substream ``i`` is the queue name of endpoint ``i``; a heap sent to it goes to every queue
+    registered under that name at the time of sending (readers that join later miss earlier
+    heaps, as with multicast), through one spead2 stream per queue, with heap counters from
+    the one sequence set by `set_cnt_sequence`.
+    """
+
+    def __init__(self, thread_pool: spead2.ThreadPool, names: list[str],
+                 config: spead2.send.StreamConfig) -> None:
+        self._pool = thread_pool
+        self._names = names
+        self._config = config
+        self._next_cnt, self._cnt_step = 1, 1
+        self._streams: dict[int, spead2.send.asyncio.InprocStream] = {}  # by id(queue)
+
+    def _targets(self, substream_index: int) -> list[spead2.send.asyncio.InprocStream]:
+        targets = []
+        for queue in _inproc_subscribers(self._names[substream_index]):
+            stream = self._streams.get(id(queue))
+            if stream is None:
+                stream = spead2.send.asyncio.InprocStream(self._pool, [queue], self._config)
+                self._streams[id(queue)] = stream
+            targets.append(stream)
+        return targets
+
+    def set_cnt_sequence(self, next: int, step: int) -> None:
+        self._next_cnt, self._cnt_step = next, step
+
+    def _cnt(self, cnt: int) -> int:
+        # Counters are allocated here, not by the per-queue streams: a reader of several queues
+        # must see distinct counters, and every copy of a heap the same one.
+        if cnt >= 0:
+            return cnt
+        cnt, self._next_cnt = self._next_cnt, self._next_cnt + self._cnt_step
+        return cnt
+
+    async def async_send_heap(self, heap, cnt: int = -1, substream_index: int = 0) -> int:
+        cnt = self._cnt(cnt)
+        sizes = await asyncio.gather(*(stream.async_send_heap(heap, cnt)
+                                       for stream in self._targets(substream_index)))
+        return sizes[0] if sizes else 0
+
+    async def async_send_heaps(self, heaps, mode=None) -> int:
+        total = 0
+        for ref in heaps:
+            total += await self.async_send_heap(ref.heap, ref.cnt, ref.substream_index)
+        return total
+
+    async def async_flush(self) -> None:
+        await asyncio.gather(*(stream.async_flush() for stream in self._streams.values()))
 
 
 # -- send --------------------------------------------------------------------------------------
@@ -230,7 +313,7 @@ async def make_send_stream(
     interface_address: str = "",
     ttl: int = 1,
     buffer_size: int | None = None,
-) -> spead2.send.asyncio.AsyncStream:
+) -> spead2.send.asyncio.AsyncStream | InprocFanoutStream:
     """Open an asyncio send stream with one substream per endpoint of `spec`.
 
     TCP streams support exactly one endpoint (spead2 connects one socket per stream).
@@ -239,8 +322,7 @@ async def make_send_stream(
     pool = thread_pool if thread_pool is not None else spead2.ThreadPool()
     addrs = [(ep.host, ep.port) for ep in spec.endpoints]
     if spec.scheme == "inproc":
-        queues = [inproc_queue(ep.host) for ep in spec.endpoints]
-        return spead2.send.asyncio.InprocStream(pool, queues, config)
+        return InprocFanoutStream(pool, [ep.host for ep in spec.endpoints], config)
     if spec.scheme == "tcp":
         if len(addrs) != 1:
             raise ValueError(f"a TCP send stream has exactly one endpoint, not {len(addrs)}")
@@ -281,7 +363,7 @@ def add_readers(
     bound: list[Endpoint] = []
     for ep in spec.endpoints:
         if spec.scheme == "inproc":
-            stream.add_inproc_reader(inproc_queue(ep.host))
+            stream.add_inproc_reader(_subscribe_inproc(ep.host))
             bound.append(ep)
         elif spec.scheme == "tcp":
             acceptor = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -292,3 +292,25 @@ class MemoryBackend:
     def close(self) -> None:
         pass
 
+
+_named_lock = threading.Lock()
+_named_backends: dict[str, MemoryBackend] = {}
+
+
+def named_memory_backend(name: str) -> MemoryBackend:
+    """The process-wide memory store called `name` (``memory://name``), created on first use.
+
+    Daemons that run in one process (the embedded demo) share a telstate this way, as separate
+    processes share a Redis server.
+    """
+    with _named_lock:
+        backend = _named_backends.get(name)
+        if backend is None:
+            backend = _named_backends[name] = MemoryBackend()
+        return backend
+
+
+def forget_memory_backend(name: str) -> None:
+    """Drop the named memory store (the next user of the name gets an empty one)."""
+    with _named_lock:
+        _named_backends.pop(name, None)

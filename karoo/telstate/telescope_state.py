@@ -30,7 +30,7 @@ from .encoding import (
     split_sample,
 )
 from .keytypes import KeyType
-from .memory import MemoryBackend
+from .memory import MemoryBackend, named_memory_backend
 
 SEPARATOR = "_"
 SEPARATOR_BYTES = b"_"
@@ -316,6 +316,8 @@ def _backend_from_endpoint(endpoint, db: int):
     if not isinstance(endpoint, str | bytes):
         return endpoint  # a backend instance
     endpoint = ensure_str(endpoint)
+    if endpoint.startswith("memory://"):
+        return named_memory_backend(endpoint[len("memory://"):])
     from .redis import RedisBackend
 
     if "://" not in endpoint:
@@ -329,8 +331,9 @@ class TelescopeState(TelescopeStateBase):
     Parameters
     ----------
     endpoint
-        ``''`` for an in-memory store, a ``redis://host:port[/db]`` URL or ``host[:port]`` for
-        a Redis server, or a backend instance.
+        ``''`` for a new in-memory store, ``memory://name`` for the process-wide memory store
+        of that name, a ``redis://host:port[/db]`` URL or ``host[:port]`` for a Redis server, or
+        a backend instance.
     db
         Redis database number, when not given in the URL.
     prefixes

@@ -5,7 +5,7 @@ import pytest
 
 from karoo.cal.flagger import CAL_RFI, SumThresholdFlagger, flag_cross_hands
 
-from .simulate import rfi_block, score_flags
+from .simulate import complex_noise, rfi_block, score_flags
 
 N_DUMPS, N_CHANS, N_BL = 100, 4096, 12
 EDGE = 200
@@ -61,6 +61,48 @@ def test_clean_data_false_flags(flagger, signal, noise_follows_band):
     edges = np.concatenate([flags[:, :EDGE], flags[:, -EDGE:]], axis=1).mean()
     assert interior <= 0.001
     assert edges <= 0.005
+
+
+def edge_and_interior(flags):
+    interior = flags[:, EDGE:-EDGE].mean()
+    edges = np.concatenate([flags[:, :EDGE], flags[:, -EDGE:]], axis=1).mean()
+    return interior, edges
+
+
+@pytest.mark.parametrize("n_dumps", [4, 6, 8])
+@pytest.mark.parametrize(("signal", "noise_follows_band"),
+                         [(0.0, False), (10.0, False), (10.0, True)])
+def test_clean_short_scans(flagger, n_dumps, signal, noise_follows_band):
+    # A 30 s gain-cal scan of 8 s dumps has ~4 dumps: too few for per-channel noise estimates.
+    blk = rfi_block(22 + n_dumps, n_dumps, N_CHANS, N_BL, signal=signal,
+                    noise_follows_band=noise_follows_band, rfi=False)
+    interior, edges = edge_and_interior(flagger.get_flags(blk.vis))
+    assert interior <= 0.001
+    assert edges <= 0.005
+
+
+@pytest.mark.parametrize("n_dumps", [4, 8, 24, 100])
+def test_clean_high_snr_smooth_spectrum(flagger, n_dumps):
+    # SNR 100 per sample: band shape, ripple and a 10% gain drift are far above the noise,
+    # as for a strong calibrator (or a polarised one in the cross hands).
+    blk = rfi_block(23, n_dumps, N_CHANS, N_BL, signal=100.0, noise_follows_band=True,
+                    rfi=False)
+    interior, edges = edge_and_interior(flagger.get_flags(blk.vis))
+    assert interior <= 0.001
+    assert edges <= 0.005
+
+
+def test_clean_high_snr_few_channels(flagger):
+    # 32 channels of a curved spectrum at SNR ~100: the spectrum background must follow the
+    # curvature (a running median alone flagged whole channels near the peak).
+    rng = np.random.default_rng(24)
+    x = np.linspace(0, 1, 32)[None, :, None]
+    ph = rng.uniform(0, 2 * np.pi, (1, 1, 10))
+    amp = 0.1 * (1 + 0.1 * np.cos(3 * x + ph)) * (1 + 0.1 * np.cos(3 * x + 2 * ph))
+    for n_dumps in (4, 8, 16):
+        vis = amp * np.exp(2j * np.pi * rng.random((1, 1, 10)) * x) + complex_noise(
+            rng, (n_dumps, 32, 10), 1e-3 * np.sqrt(2))
+        assert flagger.get_flags(vis.astype(np.complex64)).mean() <= 0.005
 
 
 def test_idempotent_and_deterministic(flagger, cross_block, cross_flags):

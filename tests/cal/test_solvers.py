@@ -305,3 +305,16 @@ def test_refant_choice_and_stickiness():
     assert new not in (13, 14, 15) and new >= 0
     assert keep_or_choose_refant(15, vis, bls, n_ants, weights) not in (13, 14, 15)
     assert best_refant(vis, bls, n_ants, np.zeros_like(weights)) == -1
+
+
+def test_stefcal_shared_weights_and_initial_gains():
+    _, vis = simulate_gain_solves(12, 6, 0.2)
+    rng = np.random.default_rng(12)
+    per_bl = rng.uniform(0.5, 2.0, len(BLS)).astype(np.float32)
+    shared = stefcal(vis, BLS, N_ANTS, weights=per_bl)
+    full = stefcal(vis, BLS, N_ANTS, weights=np.tile(per_bl, (6, 1)))
+    np.testing.assert_array_equal(shared.gains, full.gains)
+    # The default start (phases from the refant's baselines) and all-ones reach the same point.
+    ones = stefcal(vis, BLS, N_ANTS, weights=per_bl, init_gain=np.ones(N_ANTS))
+    np.testing.assert_allclose(shared.gains, ones.gains, atol=1e-4)
+    assert np.median(shared.iterations) < np.median(ones.iterations)

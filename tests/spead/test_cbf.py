@@ -29,7 +29,7 @@ _names = itertools.count()
 def inproc_spec():
     spec = f"inproc://cbf-test-{next(_names)}"
     yield spec
-    remove_inproc_queues(spec)
+    remove_inproc_queues(spec + "+3")  # also the queues of multi-endpoint specs
 
 
 def make_dumps(n, seed=0):
@@ -54,14 +54,15 @@ def receiver_spec(spec, rx):
 
 
 @pytest.mark.parametrize("byteorder", ["<", ">"])
-@pytest.mark.parametrize("transport", ["inproc", "udp", "tcp"])
+@pytest.mark.parametrize("transport", ["inproc", "inproc+1", "udp", "tcp"])
 async def test_roundtrip(transport, byteorder, inproc_spec):
-    spec = {"inproc": inproc_spec, "udp": "udp://127.0.0.1:0+1", "tcp": "tcp://127.0.0.1:0"}[
-        transport
-    ]
+    # inproc+1: two queues read by one stream, which needs distinct heap counters across them
+    spec = {"inproc": inproc_spec, "inproc+1": inproc_spec + "+1", "udp": "udp://127.0.0.1:0+1",
+            "tcp": "tcp://127.0.0.1:0"}[transport]
     if transport == "udp":
         spec = "udp://127.0.0.1:0,udp://127.0.0.1:0"  # two endpoints, two substreams each
-    rx = CBFReceiver(spec, PARAMS, stop_on_stop_item=transport != "udp")
+    several = transport in ("udp", "inproc+1")  # a stop heap per endpoint
+    rx = CBFReceiver(spec, PARAMS, stop_on_stop_item=not several)
     tx = await CBFSender.create(receiver_spec(spec, rx), PARAMS, byteorder=byteorder, rate=10e6)
     assert tx.n_endpoints == len(rx.endpoints)
     dumps = make_dumps(6)
@@ -71,7 +72,7 @@ async def test_roundtrip(transport, byteorder, inproc_spec):
         keep = [s for s in range(4) if s not in missing.get(i, [])]
         await tx.send_dump(dump, BASE + i * PARAMS.timestamp_step, substreams=keep)
     await tx.stop()
-    if transport == "udp":
+    if several:
         # Each UDP endpoint gets its own stop heap, so the first cannot end the stream;
         # the daemon stops the receiver itself (at capture-done), which still delivers
         # the dumps under assembly. Wait until spead2 has seen the 21 data heaps besides the

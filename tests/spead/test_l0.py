@@ -173,3 +173,22 @@ async def test_plain_spead2_consumer(inproc_spec):
     assert ig["timestamp"].value == ts
     assert ig["dump_index"].value == 5
     assert ig["frequency"].value == 16
+
+
+async def test_inproc_stream_reaches_every_receiver(inproc_spec):
+    """Like a multicast group: the vis writer and cal both receive the whole L0 stream."""
+    writer = L0Receiver(inproc_spec, N_CHANS, N_BLS, PER_SENDER)
+    cal = L0Receiver(inproc_spec, N_CHANS, N_BLS, PER_SENDER)
+    senders = await make_senders(lambda i: inproc_spec)
+    for s in senders:
+        await s.start()
+    for index in range(3):
+        for s in senders:
+            await send(s, index)
+    for s in senders:
+        await s.stop()
+    for rx in (writer, cal):
+        got = [d async for d in rx]
+        assert [d.dump_index for d in got] == [0, 1, 2]
+        vis = make_dump(2)[0]
+        np.testing.assert_array_equal(got[2].vis, vis)

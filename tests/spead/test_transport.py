@@ -104,3 +104,36 @@ async def test_cbf_over_multicast_loopback():
     assert len(dumps) == 1
     assert dumps[0][0] == 1000 and dumps[0][2].all()
     np.testing.assert_array_equal(dumps[0][1], data)
+
+
+async def test_inproc_fanout_heap_counters():
+    """Every reader of a queue name gets every heap; counters are distinct across the queues of
+    one stream (a reader of several queues must not merge heaps) and equal across copies."""
+    import spead2
+    import spead2.recv
+    import spead2.send
+
+    from karoo.spead.transport import add_readers, make_send_stream
+
+    spec = "inproc://fanout-cnt+1"
+    readers = []
+    for _ in range(2):  # e.g. the vis writer and cal, each reading both queues separately
+        per_queue = []
+        for name in ("inproc://fanout-cnt", "inproc://fanout-cnt.1"):
+            stream = spead2.recv.Stream(spead2.ThreadPool(), spead2.recv.StreamConfig())
+            add_readers(stream, name)
+            per_queue.append(stream)
+        readers.append(per_queue)
+    tx = await make_send_stream(spec, spead2.send.StreamConfig())
+    tx.set_cnt_sequence(10, 2)
+    ig = spead2.send.ItemGroup()
+    ig.add_item(0x1600, "timestamp", "", shape=(), format=[("u", 48)], value=0)
+    for i in range(6):
+        ig["timestamp"].value = i
+        await tx.async_send_heap(ig.get_heap(), substream_index=i % 2)
+    await tx.async_send_heap(ig.get_end(), substream_index=0)
+    await tx.async_send_heap(ig.get_end(), substream_index=1)
+    cnts = [[[heap.cnt for heap in stream] for stream in per_queue] for per_queue in readers]
+    remove_inproc_queues(spec)
+    assert cnts[0] == cnts[1]  # both readers got the same heaps, with the same counters
+    assert cnts[0] == [[10, 14, 18], [12, 16, 20]]  # one sequence over both queues

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..encoding import ENCODING_DEFAULT, ensure_binary
 from ..keytypes import KeyType
-from ..memory import MemoryBackend
+from ..memory import MemoryBackend, named_memory_backend
 from ..redis import AsyncRedisBackend
 from ..telescope_state import Condition, Key, TelescopeStateBase, _NextUpdate, _one
 
@@ -36,9 +36,12 @@ class TelescopeState(TelescopeStateBase):
 
     @classmethod
     async def from_url(cls, url: str, db: int | None = None) -> TelescopeState:
-        """Connect to a Redis server (``redis://host:port[/db]``); '' gives a memory store."""
+        """Connect to a Redis server (``redis://host:port[/db]``); '' gives a new memory store
+        and ``memory://name`` the process-wide memory store of that name."""
         if not url:
             return cls()
+        if url.startswith("memory://"):
+            return cls(named_memory_backend(url[len("memory://"):]))
         if "://" not in url:
             url = "redis://" + url
         return cls(await AsyncRedisBackend.from_url(url, db=db))
