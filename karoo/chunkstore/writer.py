@@ -255,6 +255,8 @@ class VisWriterService(Service):
         self.s_queued = self.add_gauge("queued-bytes", "bytes in chunk buffers", "B", int)
         self.s_max_queued = self.add_gauge("max-queued-bytes", "peak of queued-bytes", "B", int)
         self.s_active = self.add_gauge("active-chunks", "chunk writes in flight", "", int)
+        self._counters = [sensor for sensor in self.sensors.values()
+                          if "(prometheus: counter)" in sensor.description]
         for sensor in (self.s_incomplete, self.s_too_old, self.s_missing, self.s_bad,
                        self.s_dropped_heaps, self.s_dropped_dumps, self.s_failed):
             sensor.status_func = _warn_if_positive
@@ -318,6 +320,11 @@ class VisWriterService(Service):
         except (OSError, ValueError) as exc:
             await stream.close()
             raise FailReply(f"cannot receive on {cfg.l0_spead}: {exc}") from exc
+        # As katsdpdatawriter: the counters are per capture block (the controller and CAM
+        # read "heaps of this capture block"; Prometheus takes a reset as a new series).
+        for sensor in self._counters:
+            sensor.value = sensor.stype(0)
+        self.s_max_queued.value = self._queued
         self._incomplete_base = 0
         self.set_device_status(DeviceStatus.OK)
         await self._record_endpoint()

@@ -254,8 +254,11 @@ async def test_bad_heaps_and_capture_cycle(tmp_path, cbid):
         await client.request("capture-done")
         assert sensor(service, "input-bad-heaps-total") == 2
         assert sensor(service, "input-heaps-total") == 2 * N_CHANS // PER_SUB
-        # The daemon is still healthy and can take the next capture block.
+        # The daemon is still healthy and can take the next capture block, with its counters
+        # back at zero (they count one capture block, as katsdpdatawriter's do).
         await client.request("capture-init", cbid + "2")
+        assert sensor(service, "input-heaps-total") == 0
+        assert sensor(service, "input-bad-heaps-total") == 0
         await client.request("capture-done")
     got = read_back(url, cbid)
     np.testing.assert_array_equal(got["correlator_data"], data["correlator_data"])
