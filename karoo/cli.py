@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "karoo.controller.master",
     "karoo.controller.product",
     "karoo.dataset.cli",
+    "karoo.chunkstore.writer",
+    "karoo.chunkstore.metawriter",
 ]
 
 

@@ -57,6 +57,17 @@ writes in place, so a killed writer would leave half a chunk). Local directories
 through the same code: a Zarr ``FsspecStore`` over an fsspec file system, wrapped in a store
 that retries transient failures.
 
+Speed
+-----
+A whole chunk is encoded and stored (or fetched and decoded) through the array's own codec
+pipeline without Zarr's intermediate merge buffer, and the object goes to the file system as a
+view of the encoded buffer, not a fresh ``bytes`` copy; partial chunks (the last dumps of a
+capture) and shards go through Zarr's ``setitem``/``getitem``. S3 requests are signed with
+``UNSIGNED-PAYLOAD`` (botocore otherwise hashes every body with SHA-256 when the endpoint is
+plain http, on the event loop); pass ``storage_options={"config_kwargs": {"s3":
+{"payload_signing_enabled": True}}}`` to sign bodies. ``benchmarks/bench_chunkstore.py``
+measures the effect against katdal's stores and raw I/O.
+
 Errors
 ------
 Failed S3 requests (connection refused or reset, timeouts, 5xx answers) are retried with
@@ -69,12 +80,16 @@ can tell "never written" (fill value, or ``False`` from :meth:`StreamStore.has_c
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import errno
+import functools
+import io
 import logging
 import math
 import os
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,8 +100,9 @@ from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from fsspec.implementations.local import LocalFileSystem
 from zarr.abc.store import ByteRequest, Store
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
-from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import FsspecStore, WrapperStore
+from zarr.storage._fsspec import _dereference_path
 
 from .. import flags
 
@@ -246,9 +262,95 @@ class AtomicLocalFileSystem(LocalFileSystem):
             raise
 
 
+class _CopyFreeFsspecStore(FsspecStore):
+    """Zarr's fsspec store, handing the file system a view of each object, not a copy.
+
+    ``FsspecStore.set`` copies every object into a new ``bytes`` first (``Buffer.to_bytes``):
+    on 15 MB chunks that copy, done on the event loop, was the largest single cost of a write.
+    Local files take the view as it is; S3 gets it through one copy (see below).
+    """
+
+    async def set(self, key: str, value: Buffer, byte_range: tuple[int, int] | None = None):
+        if not self._is_open:
+            await self._open()
+        self._check_writable()
+        if byte_range is not None:
+            raise NotImplementedError
+        data = value.as_numpy_array()
+        if not data.flags.c_contiguous:
+            payload = value.to_bytes()
+        elif isinstance(self.fs, AsyncFileSystemWrapper):  # local files
+            payload = memoryview(data)
+        else:
+            # botocore's parameter check takes bytes, bytearray or files, and turns bytes into a
+            # BytesIO that aiohttp copies again and sends in 64 kB pieces. A stand-in file
+            # passes the check and is swapped for the view itself just before the request is
+            # built (_send_view), which aiohttp sends as it is: no copy at all.
+            payload = _ViewBody(memoryview(data))
+        await self.fs._pipe_file(_dereference_path(self.path, key), payload)
+
+
+class _ViewBody(io.BytesIO):
+    """An empty file standing in for a memoryview body until botocore builds the request."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self.view = view
+
+    def __len__(self) -> int:  # s3fs asks the size of a body
+        return self.view.nbytes
+
+
+def _send_view(params: dict, **kwargs) -> None:
+    """botocore ``before-call`` handler: send a :class:`_ViewBody`'s view as the body."""
+    body = params.get("body")
+    if isinstance(body, _ViewBody):
+        params["body"] = body.view
+
+
+_LOCAL_IO_THREADS = 16
+_local_io_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _local_io(func, *args, **kwargs):
+    """Run a blocking file operation on the chunk store's own thread pool.
+
+    asyncio's default pool has ``cpu_count + 4`` threads, too few to keep a disk busy with
+    whole-chunk writes on a small machine, and shared with everything else in the process.
+    """
+    global _local_io_pool
+    if _local_io_pool is None:
+        _local_io_pool = concurrent.futures.ThreadPoolExecutor(
+            _LOCAL_IO_THREADS, thread_name_prefix="karoo-chunk-io")
+    return asyncio.get_running_loop().run_in_executor(
+        _local_io_pool, functools.partial(func, *args, **kwargs))
+
+
+class _LocalAsyncFileSystem(AsyncFileSystemWrapper):
+    """fsspec's async wrapper of the local file system, with whole-object reads and writes on
+    :func:`_local_io`'s threads."""
+
+    async def _pipe_file(self, path, value, *args, **kwargs):
+        return await _local_io(self.sync_fs.pipe_file, path, value, *args, **kwargs)
+
+    async def _cat_file(self, path, *args, **kwargs):
+        return await _local_io(self.sync_fs.cat_file, path, *args, **kwargs)
+
+
 # Answers that mean "this object is not there" or "you may not": not worth retrying.
-_PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError,
-              PermissionError)
+def _permanent_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [FileNotFoundError, IsADirectoryError,
+                                         NotADirectoryError, FileExistsError, PermissionError]
+    with contextlib.suppress(ImportError):
+        import botocore.exceptions
+
+        # A request botocore refuses to send is a programming error, not a server glitch.
+        errors.append(botocore.exceptions.ParamValidationError)
+    return tuple(errors)
+
+
+_PERMANENT = _permanent_errors()
+_BAD_REQUEST_ERRNOS = frozenset({errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE})
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
@@ -288,13 +390,15 @@ class RetryPolicy:
 class RetryingStore(WrapperStore):
     """A Zarr store that retries transient failures and reports lasting ones clearly."""
 
-    def __init__(self, store: Store, policy: RetryPolicy) -> None:
+    def __init__(self, store: Store, policy: RetryPolicy,
+                 on_retry: Callable[[str, str, BaseException], None] | None = None) -> None:
         super().__init__(store)
         self.policy = policy
+        self.on_retry = on_retry
         self._transient = _transient_errors()
 
     def _with_store(self, store: Store) -> RetryingStore:
-        return type(self)(store, self.policy)
+        return type(self)(store, self.policy, self.on_retry)
 
     async def _retry(self, what: str, key: str, func, *args):
         delays = iter(self.policy.delays())
@@ -306,6 +410,10 @@ class RetryingStore(WrapperStore):
             except _PERMANENT:
                 raise
             except self._transient as exc:
+                if isinstance(exc, OSError) and exc.errno in _BAD_REQUEST_ERRNOS:
+                    # s3fs's mapping of S3 client errors (bad bucket name, bad argument...):
+                    # asking again gets the same answer.
+                    raise
                 reason = f"{type(exc).__name__}: {exc or 'no answer in time'}"
                 delay = next(delays, None)
                 if delay is None:
@@ -313,6 +421,8 @@ class RetryingStore(WrapperStore):
                         f"{what} {key!r} failed after {attempt} attempts: {reason}"
                     ) from exc
                 logger.warning("%s %r failed (%s), retrying in %.1f s", what, key, reason, delay)
+                if self.on_retry is not None:
+                    self.on_retry(what, key, exc)
                 await asyncio.sleep(delay)
 
     async def get(self, key: str, prototype: BufferPrototype,
@@ -358,6 +468,8 @@ class ChunkStore:
         Further keyword arguments for :class:`s3fs.S3FileSystem`.
     read_only
         Refuse writes.
+    on_retry
+        Called as ``on_retry(what, key, exception)`` before each retry (e.g. to count them).
     """
 
     def __init__(
@@ -373,8 +485,10 @@ class ChunkStore:
         timeout: float = 60.0,
         storage_options: Mapping[str, Any] | None = None,
         read_only: bool = False,
+        on_retry: Callable[[str, str, BaseException], None] | None = None,
     ) -> None:
         url = os.fspath(url)
+        self.on_retry = on_retry
         self.url = url
         self.policy = RetryPolicy(retries, backoff, max_backoff, 2 * timeout)
         self.read_only = read_only
@@ -399,8 +513,8 @@ class ChunkStore:
 
     def _filesystem(self):
         if not self.is_s3:
-            return AsyncFileSystemWrapper(AtomicLocalFileSystem(auto_mkdir=True),
-                                          asynchronous=True)
+            return _LocalAsyncFileSystem(AtomicLocalFileSystem(auto_mkdir=True),
+                                         asynchronous=True)
         import s3fs
 
         options = dict(self._s3_options)
@@ -412,11 +526,24 @@ class ChunkStore:
         # Non-AWS servers (Ceph RGW, Swift) do not all accept the newer integrity checksums.
         config.setdefault("request_checksum_calculation", "when_required")
         config.setdefault("response_checksum_validation", "when_required")
+        # Over plain http botocore hashes every body (SHA-256) into the signature, on the event
+        # loop: a third of the CPU time of a 15 MB PUT. UNSIGNED-PAYLOAD, as AWS SDKs send over
+        # https, leaves the body to TCP's checks; storage_options can turn signing back on.
+        config.setdefault("s3", {"payload_signing_enabled": False})
         client_kwargs = dict(options.pop("client_kwargs", {}))
         if "endpoint_url" in options:
             client_kwargs.setdefault("endpoint_url", options.pop("endpoint_url"))
         elif os.environ.get("AWS_ENDPOINT_URL"):
             client_kwargs.setdefault("endpoint_url", os.environ["AWS_ENDPOINT_URL"])
+        # With max_concurrency > 1 s3fs sends a HEAD before every whole-object GET, to see
+        # whether to split it; chunks are far below its split size, so that is a wasted trip.
+        options.setdefault("max_concurrency", 1)
+        if "session" not in options:
+            import aiobotocore.session
+
+            session = aiobotocore.session.AioSession()
+            session.register("before-call.s3.PutObject", _send_view)
+            options["session"] = session
         fs = s3fs.S3FileSystem(
             asynchronous=True, skip_instance_cache=True, config_kwargs=config,
             client_kwargs=client_kwargs, **options,
@@ -435,9 +562,40 @@ class ChunkStore:
         one per event loop (Zarr's synchronous API runs on its own loop).
         """
         read_only = self.read_only if read_only is None else read_only
-        store = FsspecStore(self._filesystem(), read_only=read_only,
+        store = _CopyFreeFsspecStore(self._filesystem(), read_only=read_only,
                             path=self.group_path(prefix))
-        return RetryingStore(store, self.policy)
+        return RetryingStore(store, self.policy, self.on_retry)
+
+    def object_url(self, path: str) -> str:
+        """URL of an object at `path` (relative to the store) for people and logs."""
+        full = f"{self._root}/{path}" if self._root else path
+        return f"s3://{full}" if self.is_s3 else full
+
+    async def put(self, path: str, data: bytes) -> str:
+        """Write one whole object (e.g. an RDB file) at `path` relative to the store.
+
+        On S3 without a bucket in the URL, the first component of `path` is the bucket (made
+        if needed), as katsdpmetawriter does with ``<cbid>/<file>``. The object appears whole or
+        not at all; failures are retried as for chunks. Returns :meth:`object_url`.
+        """
+        fs = self._filesystem()
+        full = f"{self._root}/{path}" if self._root else path
+        retrying = RetryingStore(FsspecStore(fs, path=""), self.policy, self.on_retry)
+        try:
+            if self.is_s3:
+                bucket = full.split("/", 1)[0]
+
+                async def make():
+                    with contextlib.suppress(FileExistsError):
+                        await fs._call_s3("create_bucket", Bucket=bucket)
+
+                await retrying._retry("creating bucket", bucket, make)
+            await retrying._retry("writing", full, fs._pipe_file, full, data)
+        finally:
+            client = getattr(fs, "_s3", None)
+            if client is not None:
+                await client.close()
+        return self.object_url(path)
 
     async def _make_bucket(self, store: RetryingStore, prefix: str) -> None:
         if not self.is_s3:
@@ -465,6 +623,7 @@ class ChunkStore:
         max_chans: int | None = None,
         shard_chunks: tuple[int, int] | None = None,
         attributes: Mapping[str, Any] | None = None,
+        arrays: Iterable[str] | None = None,
     ) -> StreamStore:
         """Create the group and arrays of a capture-block stream.
 
@@ -481,6 +640,9 @@ class ChunkStore:
             ``(dumps, channels)`` counted in chunks per shard, to store several chunks per object.
         attributes
             Extra attributes for the group.
+        arrays
+            Which of :data:`ARRAYS` to create (all by default; a flags stream has only
+            ``flags``).
 
         Returns
         -------
@@ -499,8 +661,13 @@ class ChunkStore:
             attributes={"capture_block_id": capture_block_id, "stream_name": stream,
                         "n_chans": n_chans, "n_bls": n_bls, **(attributes or {})},
         )
+        names = list(ARRAYS) if arrays is None else list(arrays)
+        unknown = set(names) - set(ARRAYS)
+        if unknown:
+            raise ValueError(f"unknown arrays {sorted(unknown)}; known: {list(ARRAYS)}")
         arrays = {}
-        for name, spec in ARRAYS.items():
+        for name in names:
+            spec = ARRAYS[name]
             n_b = n_bls if spec.ndim == 3 else 1
             dumps, chans = (chunks or {}).get(name) or choose_chunks(
                 n_chans, n_b, spec.dtype, max_chunk_bytes, max_dumps, max_chans)
@@ -565,6 +732,7 @@ class StreamStore:
         self.group = group
         self.arrays = arrays
         self._grow_lock = asyncio.Lock()
+        self._growing: asyncio.Future | None = None
         self._shard_locks: dict[tuple, asyncio.Lock] = {}
 
     def _array(self, name: str):
@@ -597,7 +765,17 @@ class StreamStore:
         """Extend the time axis of every array to cover `n_dumps`, at least doubling it.
 
         Doubling keeps the metadata writes down to a logarithmic number; :meth:`finish` trims.
+        Writers that need more room while a resize is in flight join it rather than queue
+        behind it, so a store that is down costs one round of retries for all of them, not
+        one per chunk.
         """
+        while any(arr.shape[0] < n_dumps for arr in self.arrays.values()):
+            if self._growing is None:
+                growing = self._growing = asyncio.ensure_future(self._resize_all(n_dumps))
+                growing.add_done_callback(lambda _: setattr(self, "_growing", None))
+            await asyncio.shield(self._growing)
+
+    async def _resize_all(self, n_dumps: int) -> None:
         async with self._grow_lock:
             for arr in self.arrays.values():
                 if arr.shape[0] >= n_dumps:
@@ -642,7 +820,10 @@ class StreamStore:
             await self._grow(slices[0].stop)
         arr = self.arrays[array]
         if arr.shards is None:
-            await arr.setitem(slices, data)
+            if data.shape == tuple(arr.chunks):
+                await self._put_whole_chunk(arr, chunk_index, data)
+            else:  # short in time or clipped: Zarr merges it with what is stored
+                await arr.setitem(slices, data)
             return
         # A chunk inside a shard is a read-modify-write of the shard: one at a time per shard.
         shard = tuple(s.start // n for s, n in zip(slices, arr.shards, strict=True))
@@ -659,7 +840,29 @@ class StreamStore:
             If the store fails (even after retries), as opposed to the chunk being absent.
         """
         slices = self._chunk_slices(array, chunk_index)
-        return await self._array(array).getitem(slices)
+        arr = self._array(array)
+        if arr.shards is not None:
+            return await arr.getitem(slices)
+        index = tuple(int(i) for i in chunk_index)
+        spec = arr.metadata.get_chunk_spec(index, arr.config, default_buffer_prototype())
+        raw = await (arr.store_path / arr.metadata.encode_chunk_key(index)).get(spec.prototype)
+        shape = tuple(s.stop - s.start for s in slices)
+        if raw is None:
+            return np.full(shape, arr.metadata.fill_value, arr.dtype)
+        (decoded,) = await arr.codec_pipeline.decode([(raw, spec)])
+        out = decoded.as_numpy_array()
+        if out.shape != shape:  # the last chunk along an axis: stored whole, read clipped
+            out = out[tuple(slice(0, n) for n in shape)]
+        return out
+
+    @staticmethod
+    async def _put_whole_chunk(arr, chunk_index: tuple[int, ...], data: np.ndarray) -> None:
+        """Encode and store one whole chunk, without Zarr's merge buffer (one copy less)."""
+        index = tuple(int(i) for i in chunk_index)
+        spec = arr.metadata.get_chunk_spec(index, arr.config, default_buffer_prototype())
+        chunk = spec.prototype.nd_buffer.from_numpy_array(np.ascontiguousarray(data))
+        (encoded,) = await arr.codec_pipeline.encode([(chunk, spec)])
+        await (arr.store_path / arr.metadata.encode_chunk_key(index)).set(encoded)
 
     async def has_chunk(self, array: str, chunk_index: tuple[int, ...]) -> bool:
         """Whether a chunk (with shards: its shard) was written."""
@@ -678,10 +881,16 @@ class StreamStore:
                 if arr.shape[0] != n_dumps:
                     await arr.resize((n_dumps, *arr.shape[1:]), delete_outside_chunks=False)
 
-    def chunk_info(self) -> dict[str, dict]:
-        """The chunk grid, shape and dtype of every array, in katdal's ``chunk_info`` layout."""
+    def chunk_info(self, n_dumps: int | None = None) -> dict[str, dict]:
+        """The chunk grid, shape and dtype of every array, in katdal's ``chunk_info`` layout.
+
+        With `n_dumps`, the time extent is that (the capture's) rather than the arrays' current
+        shape, e.g. when the store could not be reached to :meth:`finish` it.
+        """
         return {
-            name: chunk_info_entry(self.prefix, arr.shape, arr.chunks, arr.dtype)
+            name: chunk_info_entry(
+                self.prefix, arr.shape if n_dumps is None else (n_dumps, *arr.shape[1:]),
+                arr.chunks, arr.dtype)
             for name, arr in self.arrays.items()
         }
 
