@@ -770,10 +770,12 @@ class StreamStore:
         one per chunk.
         """
         while any(arr.shape[0] < n_dumps for arr in self.arrays.values()):
-            if self._growing is None:
+            growing = self._growing
+            # A finished resize is replaced here, not in a done callback: awaiting a finished
+            # future does not yield, so a callback would never get to run.
+            if growing is None or growing.done():
                 growing = self._growing = asyncio.ensure_future(self._resize_all(n_dumps))
-                growing.add_done_callback(lambda _: setattr(self, "_growing", None))
-            await asyncio.shield(self._growing)
+            await asyncio.shield(growing)
 
     async def _resize_all(self, n_dumps: int) -> None:
         async with self._grow_lock:
