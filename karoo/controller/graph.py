@@ -274,6 +274,10 @@ def build_graph(
             problems.append(f"config/ingest_servers: {n_ingest} ingest servers share the "
                             f"endpoints of {cbf!r}, which needs multicast transport")
         depends = [t.name for t in tasks if t.command == "sim" and t.config["cbf_name"] == cbf]
+        if depends and "clock_ratio" in config.get("simulation", {}):
+            # Pace the L0 output at the simulated correlator's rate, not the real one's: a
+            # fast simulation would otherwise queue up behind a real-time sender.
+            shared["clock_ratio"] = config["simulation"]["clock_ratio"]
         names = []
         for k in range(1, n_ingest + 1):
             names.append(f"{group}.{k}")

@@ -359,7 +359,7 @@ class IngestService(Service):
         self.processor: DumpProcessor | None = None
         self.streams: list[_L0Stream] = []
         self._capture_task: asyncio.Task | None = None
-        self._idle = True
+        self._idle, self._idle_since = True, 0.0
         self._dumps_seen = 0
         self._before_base = 0
         self._input = {
@@ -576,7 +576,9 @@ class IngestService(Service):
                 idle_time += tick
             if now != last:
                 last, changed = now, time.monotonic()
-            elif self._idle and time.monotonic() - changed >= _DRAIN_QUIET:
+            # Quiet means waiting for input all along: a slow (paced) send of the previous
+            # dump also leaves the counters unchanged while a backlog is still queued.
+            elif self._idle and time.monotonic() - max(changed, self._idle_since) >= _DRAIN_QUIET:
                 return  # no input for a while, nothing being processed
             if idle_time >= _DRAIN_TIMEOUT:
                 logger.warning("%s: input still arriving after capture-done; stopping anyway",
@@ -599,7 +601,7 @@ class IngestService(Service):
         dumps = aiter(rx)
         try:
             while True:
-                self._idle = True
+                self._idle, self._idle_since = True, time.monotonic()
                 try:
                     dump = await anext(dumps)
                 except StopAsyncIteration:

@@ -112,6 +112,17 @@ def test_graph_layout():
     json.dumps(graph.telstate)
 
 
+def test_ingest_paced_like_the_simulated_correlator():
+    def ingest_config(config):
+        graph = build_graph("array_1", config, allocator=EndpointAllocator("inproc"))
+        return graph.task("ingest.sdp_l0.1").group_config
+
+    fast = simulated_config(store="/data", simulation={"clock_ratio": 0})
+    assert ingest_config(fast)["clock_ratio"] == 0
+    # without a clock ratio the simulator runs in real time, and so does ingest's default
+    assert "clock_ratio" not in ingest_config(simulated_config(store="/data"))
+
+
 def test_graph_problems():
     with pytest.raises(ConfigError, match="service_overrides/nope: no such task"):
         build_graph("a", simulated_config(service_overrides={"nope": {}}), store="/d")

@@ -280,8 +280,8 @@ async def _run_ratio_one(names, simulator_config, *, simulator=None, extra=None,
     cbf, l0 = names("cbf"), names("l0")
     sim = SimService("127.0.0.1", 0, telstate=ts, name="sim",
                      config=sim_config(cbf, **simulator_config), simulator=simulator)
-    config = IngestConfig(cbf_spead=cbf, l0_spectral_spead=l0, output_int_time=0.5,
-                          clock_ratio=0, **(extra or {}))
+    config = IngestConfig(cbf_spead=cbf, l0_spectral_spead=l0,
+                          **{"output_int_time": 0.5, "clock_ratio": 0, **(extra or {})})
     ingest = IngestService("127.0.0.1", 0, telstate=ts, name="ingest", config=config)
     async with running(sim) as sim_client, running(ingest) as client:
         rx = L0Receiver(l0, sim.simulator.config.n_chans, len(ingest.permutation),
@@ -368,6 +368,17 @@ async def test_heap_loss_flags_data_lost_exactly(names):
     assert int(sensors["input-missing-heaps-total"]) == int(lost.sum())
     assert int(sensors["output-lost-dumps-total"]) == 1
     assert int(sensors["output-dumps-total"]) == n_dumps
+
+
+async def test_capture_done_waits_for_a_paced_backlog(names):
+    """The simulator sends everything at once while ingest paces its output in real time,
+    so most of the capture is still queued when capture-done comes: none of it may be cut."""
+    n_dumps = 24
+    _, dumps, sensors, _ = await _run_ratio_one(
+        names, dict(max_dumps=n_dumps), extra=dict(output_int_time=2.0, clock_ratio=1.6))
+    assert [d.dump_index for d in dumps] == list(range(n_dumps // 4))
+    assert not any((d.flags & F.DATA_LOST).any() for d in dumps)
+    assert sensors["input-dumps-total"] == str(n_dumps)
 
 
 async def test_adopts_first_timestamp_of_another_server(names):
