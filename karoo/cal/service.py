@@ -24,10 +24,9 @@ import numpy as np
 from aiokatcp import DeviceStatus, FailReply, Sensor
 
 from ..service import Service, add_service_arguments, set_service_factory
-from ..spead.l0 import L0Receiver
+from ..spead.l0 import FLAGS_ITEMS, L0Receiver, L0Sender
 from ..telstate.errors import ImmutableKeyError
 from .flagger import SumThresholdFlagger
-from .flags_stream import FlagsSender
 from .pipeline import (
     Batch,
     BatchCutter,
@@ -162,7 +161,7 @@ class _Capture:
     def __init__(self, cbid: str) -> None:
         self.cbid = cbid
         self.receiver: L0Receiver | None = None
-        self.flags_sender: FlagsSender | None = None
+        self.flags_sender: L0Sender | None = None
         self.cutter: BatchCutter | None = None
         self.pending: list[tuple[DumpInfo, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -355,8 +354,9 @@ class CalService(Service):
                 int(meta["n_chans_per_substream"]), channel_range=chan_range,
             )
             if cfg.flags_spead:
-                cap.flags_sender = await FlagsSender.create(
-                    cfg.flags_spead, chan_range, n_chans, len(meta["bls_ordering"]))
+                cap.flags_sender = await L0Sender.create(
+                    cfg.flags_spead, chan_range, n_chans, len(meta["bls_ordering"]),
+                    items=FLAGS_ITEMS)
                 await cap.flags_sender.start()
         except (OSError, ValueError) as exc:
             raise FailReply(f"cannot open the streams: {exc}") from exc
@@ -489,7 +489,7 @@ class CalService(Service):
         layout = cap.pipeline.layout
         for i, it in enumerate(items):
             out = layout.scatter_flags(batch.flags[i], it[4])
-            await cap.flags_sender.send_dump(out, it[0].time - sync_time, it[0].index)
+            await cap.flags_sender.send_flags(out, it[0].time - sync_time, it[0].index)
         self._s_out_heaps.value = cap.flags_sender.heaps_sent
         self._s_out_bytes.value = cap.flags_sender.bytes_sent
 

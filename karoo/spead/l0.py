@@ -18,11 +18,16 @@ frequency           0x4103  uint32      ()                 first channel of the 
 
 A heap's ``cnt`` sequence starts at its first channel and steps by the total number of
 channels, so cnts are unique over all senders and identify the sender of a stop heap.
+
+The cal flags stream (katsdpcal's ``sdp.flags``, e.g. ``sdp_l0_cal_flags``) is the same
+contract with only ``flags`` (``cal_rfi`` added by cal), ``timestamp``, ``dump_index`` and
+``frequency`` (:data:`FLAGS_ITEMS`), with the same IDs; each cal server sends its range.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +44,7 @@ from .transport import Endpoint, TransportSpec, add_readers, make_send_stream, p
 
 __all__ = [
     "DATA_LOST",
+    "FLAGS_ITEMS",
     "FREQUENCY_ID",
     "L0_FLAVOUR",
     "L0_ITEMS",
@@ -59,41 +65,60 @@ L0_ITEMS = (
     "correlator_data", "flags", "weights", "weights_channel", "timestamp", "dump_index",
     "frequency",
 )
+#: The items of a flags-only stream (cal's ``sdp.flags``).
+FLAGS_ITEMS = ("flags", "timestamp", "dump_index", "frequency")
 _PACKET_SIZE = 8872
 
 
+def _item_specs(n_chans: int, n_bls: int) -> dict[str, tuple[int, str, dict]]:
+    """name -> (ID, description, shape/type) of every L0 item."""
+    return {
+        "correlator_data": (0x1000, "Visibilities (channel, baseline)",
+                            dict(shape=(n_chans, n_bls), dtype=np.complex64)),
+        "flags": (0x1001, "Flag bits per visibility (katdal conventions)",
+                  dict(shape=(n_chans, n_bls), dtype=np.uint8)),
+        "weights": (0x1002, "Weight per visibility, to multiply by weights_channel",
+                    dict(shape=(n_chans, n_bls), dtype=np.uint8)),
+        "weights_channel": (0x1003, "Weight scale per channel",
+                            dict(shape=(n_chans,), dtype=np.float32)),
+        "timestamp": (0x1004, "Centre of the dump, in seconds since sync time",
+                      dict(shape=(), format=[("f", 64)])),
+        "dump_index": (0x1005, "Index of the output dump", dict(shape=(), format=[("u", 64)])),
+        "frequency": (FREQUENCY_ID, "Index of the first channel in this heap",
+                      dict(shape=(), dtype=np.uint32)),
+    }
+
+
 def make_l0_item_group(
-    n_chans: int, n_bls: int, *, descriptor_frequency: int | None = 1
+    n_chans: int, n_bls: int, *, items: tuple[str, ...] = L0_ITEMS,
+    descriptor_frequency: int | None = 1,
 ) -> spead2.send.ItemGroup:
-    """The L0 items for heaps of `n_chans` channels and `n_bls` baselines (send side).
+    """The L0 `items` for heaps of `n_chans` channels and `n_bls` baselines (send side).
 
     The IDs are those katsdpingest uses: 0x1000.. in the order of :data:`L0_ITEMS`, and
-    0x4103 for ``frequency``.
+    0x4103 for ``frequency``; a flags-only stream (:data:`FLAGS_ITEMS`) keeps them.
     """
+    specs = _item_specs(n_chans, n_bls)
     ig = spead2.send.ItemGroup(flavour=L0_FLAVOUR, descriptor_frequency=descriptor_frequency)
-    ig.add_item(0x1000, "correlator_data", "Visibilities (channel, baseline)",
-                shape=(n_chans, n_bls), dtype=np.complex64)
-    ig.add_item(0x1001, "flags", "Flag bits per visibility (katdal conventions)",
-                shape=(n_chans, n_bls), dtype=np.uint8)
-    ig.add_item(0x1002, "weights", "Weight per visibility, to multiply by weights_channel",
-                shape=(n_chans, n_bls), dtype=np.uint8)
-    ig.add_item(0x1003, "weights_channel", "Weight scale per channel",
-                shape=(n_chans,), dtype=np.float32)
-    ig.add_item(0x1004, "timestamp", "Centre of the dump, in seconds since sync time",
-                shape=(), format=[("f", 64)])
-    ig.add_item(0x1005, "dump_index", "Index of the output dump",
-                shape=(), format=[("u", 64)])
-    ig.add_item(FREQUENCY_ID, "frequency", "Index of the first channel in this heap",
-                shape=(), dtype=np.uint32)
+    for name in items:
+        item_id, description, kind = specs[name]
+        ig.add_item(item_id, name, description, **kind)
     return ig
 
 
-def _heap_bytes(n_chans: int, n_bls: int) -> int:
-    return n_chans * n_bls * 10 + n_chans * 4
+def _heap_bytes(n_chans: int, n_bls: int, items: tuple[str, ...] = L0_ITEMS) -> int:
+    """Payload of the per-channel items of one heap (the scalars are negligible)."""
+    specs = _item_specs(n_chans, n_bls)
+    total = 0
+    for name in items:
+        kind = specs[name][2]
+        if kind["shape"]:
+            total += math.prod(kind["shape"]) * np.dtype(kind["dtype"]).itemsize
+    return total
 
 
 class L0Sender:
-    """Sends one ingest instance's channel range of an L0 stream.
+    """Sends one instance's channel range of an L0 stream, or of a flags-only stream.
 
     The range is split evenly over the endpoints (one heap per endpoint per dump), each
     endpoint on its own spead2 stream with its own cnt sequence. Use :meth:`create`.
@@ -108,6 +133,9 @@ class L0Sender:
         Channels in the whole L0 band.
     n_bls
         Baselines.
+    items
+        :data:`L0_ITEMS` (send with :meth:`send_dump`) or :data:`FLAGS_ITEMS` (send with
+        :meth:`send_flags`).
     """
 
     def __init__(
@@ -116,22 +144,26 @@ class L0Sender:
         channel_range: tuple[int, int],
         n_chans: int,
         n_bls: int,
+        *,
+        items: tuple[str, ...] = L0_ITEMS,
     ) -> None:
         first, stop = channel_range
         if not 0 <= first < stop <= n_chans:
             raise ValueError(f"channel_range {first}:{stop} not within 0:{n_chans}")
         if (stop - first) % len(streams):
-            raise ValueError("channels must divide evenly over the endpoints")
+            raise ValueError(f"channels {first}:{stop} do not divide evenly over "
+                             f"{len(streams)} endpoints")
         self.channel_range = (first, stop)
         self.n_chans = n_chans
         self.n_bls = n_bls
+        self.items = items
         self.streams = streams
         self.chans_per_heap = (stop - first) // len(streams)
         self._groups = []
         for i, stream in enumerate(streams):
             heap_first = first + i * self.chans_per_heap
             stream.set_cnt_sequence(heap_first if heap_first else n_chans, n_chans)
-            self._groups.append(make_l0_item_group(self.chans_per_heap, n_bls))
+            self._groups.append(make_l0_item_group(self.chans_per_heap, n_bls, items=items))
         self.heaps_sent = 0
         self.bytes_sent = 0
 
@@ -143,6 +175,7 @@ class L0Sender:
         n_chans: int,
         n_bls: int,
         *,
+        items: tuple[str, ...] = L0_ITEMS,
         int_time: float | None = None,
         max_packet_size: int = _PACKET_SIZE,
         thread_pool: spead2.ThreadPool | None = None,
@@ -159,7 +192,7 @@ class L0Sender:
         chans = (channel_range[1] - channel_range[0]) // max(n_ep, 1)
         rate = 0.0
         if int_time:
-            rate = (_heap_bytes(chans, n_bls) + 2048) / int_time * 1.05
+            rate = (_heap_bytes(chans, n_bls, items) + 2048) / int_time * 1.05
         pool = thread_pool if thread_pool is not None else spead2.ThreadPool()
         streams = []
         for ep in spec.endpoints:
@@ -168,7 +201,7 @@ class L0Sender:
                 TransportSpec(spec.scheme, (ep,)), config, thread_pool=pool,
                 interface_address=interface_address, ttl=ttl,
             ))
-        return cls(streams, channel_range, n_chans, n_bls)
+        return cls(streams, channel_range, n_chans, n_bls, items=items)
 
     async def start(self) -> None:
         """Send a start heap on every endpoint."""
@@ -197,25 +230,31 @@ class L0Sender:
         dump_index
             Output dump index.
         """
+        await self._send(timestamp, dump_index, correlator_data=vis, flags=flags,
+                         weights=weights, weights_channel=weights_channel)
+
+    async def send_flags(self, flags: np.ndarray, timestamp: float, dump_index: int) -> None:
+        """Send the uint8 ``(channels, n_bls)`` flags of one dump on a flags-only stream."""
+        await self._send(timestamp, dump_index, flags=flags)
+
+    async def _send(self, timestamp: float, dump_index: int, **arrays: np.ndarray) -> None:
+        expected = {name for name in self.items if name not in ("timestamp", "dump_index",
+                                                                  "frequency")}
+        if set(arrays) != expected:
+            raise ValueError(f"this stream sends {sorted(expected)}, not {sorted(arrays)}")
         n = self.channel_range[1] - self.channel_range[0]
-        checks = (
-            ("vis", vis, np.complex64, (n, self.n_bls)),
-            ("flags", flags, np.uint8, (n, self.n_bls)),
-            ("weights", weights, np.uint8, (n, self.n_bls)),
-            ("weights_channel", weights_channel, np.float32, (n,)),
-        )
-        for name, arr, dtype, shape in checks:
-            if arr.dtype != dtype or arr.shape != shape:
-                raise ValueError(f"{name} must be {np.dtype(dtype)} {shape}, "
-                                 f"not {arr.dtype} {arr.shape}")
         c = self.chans_per_heap
+        specs = _item_specs(n, self.n_bls)
+        for name, arr in arrays.items():
+            kind = specs[name][2]
+            if arr.dtype != kind["dtype"] or arr.shape != kind["shape"]:
+                raise ValueError(f"{name} must be {np.dtype(kind['dtype'])} {kind['shape']}, "
+                                 f"not {arr.dtype} {arr.shape}")
         futures = []
         for i, (stream, ig) in enumerate(zip(self.streams, self._groups, strict=True)):
             part = slice(i * c, (i + 1) * c)
-            ig["correlator_data"].value = vis[part]
-            ig["flags"].value = flags[part]
-            ig["weights"].value = weights[part]
-            ig["weights_channel"].value = weights_channel[part]
+            for name, arr in arrays.items():
+                ig[name].value = np.ascontiguousarray(arr[part])
             ig["timestamp"].value = float(timestamp)
             ig["dump_index"].value = int(dump_index)
             ig["frequency"].value = np.uint32(self.channel_range[0] + i * c)
@@ -223,7 +262,7 @@ class L0Sender:
         for future in futures:
             await future
         self.heaps_sent += len(futures)
-        self.bytes_sent += len(futures) * _heap_bytes(c, self.n_bls)
+        self.bytes_sent += len(futures) * _heap_bytes(c, self.n_bls, self.items)
 
     async def stop(self) -> None:
         """Flush each stream, then send its stop heap and wait for it to go."""

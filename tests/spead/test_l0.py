@@ -9,7 +9,7 @@ import spead2
 import spead2.recv
 import spead2.recv.asyncio
 
-from karoo.spead.l0 import DATA_LOST, L0_ITEMS, L0Receiver, L0Sender
+from karoo.spead.l0 import DATA_LOST, FLAGS_ITEMS, L0_ITEMS, L0Receiver, L0Sender
 from karoo.spead.transport import inproc_queue, remove_inproc_queues
 
 N_CHANS, N_BLS, PER_SENDER = 32, 6, 16
@@ -123,13 +123,19 @@ def test_sender_validates():
     async def run():
         s = await L0Sender.create("inproc://l0-validate", (0, 16), N_CHANS, N_BLS)
         vis, flags, weights, wchan, ts = make_dump(0)
-        with pytest.raises(ValueError, match="vis"):
+        with pytest.raises(ValueError, match="correlator_data must be complex64"):
             await s.send_dump(vis[:16].astype(np.complex128), flags[:16], weights[:16],
                               wchan[:16], ts, 0)
         with pytest.raises(ValueError, match="weights_channel"):
             await s.send_dump(vis[:16], flags[:16], weights[:16], wchan[:15], ts, 0)
         with pytest.raises(ValueError):
             await L0Sender.create("inproc://l0-validate", (0, 40), N_CHANS, N_BLS)
+        flags_only = await L0Sender.create("inproc://l0-validate", (0, 16), N_CHANS, N_BLS,
+                                           items=FLAGS_ITEMS)
+        with pytest.raises(ValueError, match="sends \\['flags'\\]"):
+            await flags_only.send_dump(vis[:16], flags[:16], weights[:16], wchan[:16], ts, 0)
+        with pytest.raises(ValueError, match="sends \\['correlator_data'"):
+            await s.send_flags(flags[:16], ts, 0)
 
     asyncio.run(run())
     remove_inproc_queues("inproc://l0-validate")
