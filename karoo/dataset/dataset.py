@@ -1066,6 +1066,8 @@ class DataSet:
                 flags = da.where(absent, True, flags)
                 weights = da.where(absent, np.float32(0), weights)
                 vis = da.where(absent, np.complex64(0), vis)
+            if layout.corr_conj.any():
+                vis = da.where(layout.corr_conj.ravel(), da.conj(vis), vis)
             shape = (*vis.shape[:2], nbl, npol)
 
             def arrange(x, shape=shape):

@@ -7,7 +7,7 @@ from numba import njit, prange
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _gather(src, corr_index, fill, out):
+def _gather(src, corr_index, corr_conj, fill, out):
     n_dumps, n_chans, _ = src.shape
     n_bls, n_corr = corr_index.shape
     for row in prange(n_dumps * n_bls):
@@ -18,12 +18,16 @@ def _gather(src, corr_index, fill, out):
             if k < 0:
                 for f in range(n_chans):
                     out[row, f, p] = fill
+            elif corr_conj[b, p]:  # a no-op for real dtypes
+                for f in range(n_chans):
+                    out[row, f, p] = src[t, f, k].conjugate()
             else:
                 for f in range(n_chans):
                     out[row, f, p] = src[t, f, k]
 
 
-def gather_rows(src: np.ndarray, corr_index: np.ndarray, fill, out: np.ndarray | None = None):
+def gather_rows(src: np.ndarray, corr_index: np.ndarray, fill, out: np.ndarray | None = None,
+                *, corr_conj: np.ndarray | None = None):
     """Reorder ``(T, F, B_products)`` into MAIN rows ``(T * nbl, F, P)``.
 
     Parameters
@@ -36,6 +40,9 @@ def gather_rows(src: np.ndarray, corr_index: np.ndarray, fill, out: np.ndarray |
         Value written where the product is missing.
     out
         Optional output array of shape ``(T * nbl, F, P)`` and the dtype of `src`.
+    corr_conj
+        ``(nbl, P)`` bool: the product is stored as its conjugate (see
+        :attr:`~karoo.ms.layout.MSLayout.corr_conj`); default none.
 
     Returns
     -------
@@ -53,8 +60,16 @@ def gather_rows(src: np.ndarray, corr_index: np.ndarray, fill, out: np.ndarray |
         out = np.empty(shape, src.dtype)
     elif out.shape != shape or out.dtype != src.dtype:
         raise ValueError(f"out must be {shape} {src.dtype}, not {out.shape} {out.dtype}")
-    _gather(src, corr_index, src.dtype.type(fill), out)
+    _gather(src, corr_index, _conj_mask(corr_conj, corr_index), src.dtype.type(fill), out)
     return out
+
+
+def _conj_mask(corr_conj: np.ndarray | None, corr_index: np.ndarray) -> np.ndarray:
+    if corr_conj is None:
+        return np.zeros(corr_index.shape, np.bool_)
+    if corr_conj.shape != corr_index.shape:
+        raise ValueError(f"corr_conj must have shape {corr_index.shape}, not {corr_conj.shape}")
+    return np.ascontiguousarray(corr_conj, np.bool_)
 
 
 #: Baselines per work item of `block_to_rows`: their products of one channel are contiguous in
@@ -64,8 +79,8 @@ _BL_BLOCK = 32
 
 @njit(parallel=True, nogil=True, cache=True)
 def _block_to_rows(
-    vis, flags, weights, sigma_weights, corr_index, flag_mask, zero_sigma, with_spectrum,
-    data, flag, weight_spectrum, sigma_spectrum, weight, sigma, flag_row,
+    vis, flags, weights, sigma_weights, corr_index, corr_conj, flag_mask, zero_sigma,
+    with_spectrum, data, flag, weight_spectrum, sigma_spectrum, weight, sigma, flag_row,
 ):  # fmt: skip
     n_dumps, n_chans, _ = vis.shape
     n_bls, n_corr = corr_index.shape
@@ -88,7 +103,7 @@ def _block_to_rows(
                         w = np.float32(0)
                         s = np.float32(0)
                     else:
-                        v = vis[t, f, k]
+                        v = vis[t, f, k].conjugate() if corr_conj[b, p] else vis[t, f, k]
                         fl = (flags[t, f, k] & flag_mask) != 0
                         w = weights[t, f, k]
                         s = sigma_weights[t, f, k]
@@ -118,6 +133,7 @@ def block_to_rows(
     weights: np.ndarray,
     corr_index: np.ndarray,
     *,
+    corr_conj: np.ndarray | None = None,
     sigma_weights: np.ndarray | None = None,
     flag_mask: int = 0xFF,
     zero_sigma: float = np.inf,
@@ -132,6 +148,8 @@ def block_to_rows(
     corr_index
         ``(nbl, P)`` product index per baseline and pol, -1 for a missing product (written
         as zero, flagged, weight 0).
+    corr_conj
+        ``(nbl, P)`` bool: the visibility is the conjugate of the stored product.
     sigma_weights
         Optional weights from which SIGMA and SIGMA_SPECTRUM are derived (default `weights`).
     flag_mask
@@ -182,7 +200,8 @@ def block_to_rows(
     }
     _block_to_rows(
         vis, flags, weights, sigma_weights, np.ascontiguousarray(corr_index, np.int64),
-        np.uint8(flag_mask & 0xFF), np.float32(zero_sigma), spectrum,
+        _conj_mask(corr_conj, corr_index), np.uint8(flag_mask & 0xFF), np.float32(zero_sigma),
+        spectrum,
         out["DATA"], out["FLAG"], out["WEIGHT_SPECTRUM"], out["SIGMA_SPECTRUM"],
         out["WEIGHT"], out["SIGMA"], out["FLAG_ROW"],
     )  # fmt: skip

@@ -177,6 +177,9 @@ class MSLayout:
     corr_index
         ``(nbl, P)`` index into the correlation product axis, -1 where the correlator did
         not produce the product (written as zero, weight 0, flagged).
+    corr_conj
+        ``(nbl, P)`` bool: the correlator gave the product with its antennas the other way
+        round (ANTENNA1 > ANTENNA2), so the MS row holds its conjugate.
     scan_number, field_id, state_id
         ``(T,)`` global ids of each dump; -1 for dumps that belong to no scan.
     intents
@@ -188,6 +191,7 @@ class MSLayout:
     pol_pairs: tuple[tuple[str, str], ...]
     corr_types: tuple[int, ...]
     corr_index: np.ndarray
+    corr_conj: np.ndarray
     scan_number: np.ndarray
     field_id: np.ndarray
     state_id: np.ndarray
@@ -225,19 +229,18 @@ class MSLayout:
             raise ValueError(f"dump_period must be positive, not {meta.dump_period}")
 
         ant_index = {name: i for i, name in enumerate(meta.antenna_names)}
-        products: dict[tuple[int, int, str, str], int] = {}
+        # (ant1, ant2, pol1, pol2) with ant1 <= ant2 -> (product index, conjugated)
+        products: dict[tuple[int, int, str, str], tuple[int, bool]] = {}
         for k, (in1, in2) in enumerate(np.asarray(meta.corr_products, dtype=str).reshape(-1, 2)):
             a1, p1 = _split_input(in1, ant_index)
             a2, p2 = _split_input(in2, ant_index)
-            if a1 > a2:  # store as the conjugate-free upper triangle only
-                raise ValueError(
-                    f"corr product {k} ({in1}, {in2}) has ANTENNA1 > ANTENNA2; "
-                    "products must be given as the upper triangle"
-                )
-            key = (a1, a2, p1, p2)
+            # The MS holds the upper triangle: V(a2, a1) is the conjugate of V(a1, a2).
+            conj = a1 > a2
+            key = (a2, a1, p2, p1) if conj else (a1, a2, p1, p2)
             if key in products:
-                raise ValueError(f"corr product ({in1}, {in2}) appears twice")
-            products[key] = k
+                raise ValueError(f"corr product ({in1}, {in2}) appears twice (directly or as "
+                                 "its conjugate)")
+            products[key] = (k, conj)
         present = {(p1, p2) for _, _, p1, p2 in products}
         pol_pairs = tuple(p for p in LINEAR_PRODUCTS if p in present)
         if not pol_pairs:
@@ -245,13 +248,11 @@ class MSLayout:
 
         first = 0 if meta.include_autos else 1
         ant1, ant2 = np.triu_indices(n_ants, first)
-        corr_index = np.array(
-            [
-                [products.get((a1, a2, *pp), -1) for pp in pol_pairs]
-                for a1, a2 in zip(ant1, ant2, strict=True)
-            ],
-            dtype=np.int64,
-        ).reshape(len(ant1), len(pol_pairs))
+        found = [[products.get((a1, a2, *pp), (-1, False)) for pp in pol_pairs]
+                 for a1, a2 in zip(ant1, ant2, strict=True)]
+        shape = (len(ant1), len(pol_pairs))
+        corr_index = np.array([[k for k, _ in row] for row in found], np.int64).reshape(shape)
+        corr_conj = np.array([[c for _, c in row] for row in found], np.bool_).reshape(shape)
 
         scan_number = np.full(n_dumps, -1, np.int32)
         field_id = np.full(n_dumps, -1, np.int32)
@@ -275,6 +276,7 @@ class MSLayout:
             pol_pairs=pol_pairs,
             corr_types=tuple(LINEAR_PRODUCTS[p] for p in pol_pairs),
             corr_index=corr_index,
+            corr_conj=corr_conj,
             scan_number=scan_number,
             field_id=field_id,
             state_id=state_id,

@@ -252,6 +252,7 @@ class MSWriter:
             block.flags,
             block.weights,
             layout.corr_index,
+            corr_conj=layout.corr_conj,
             sigma_weights=block.sigma_weights,
             flag_mask=self.flag_mask,
             zero_sigma=self.zero_weight_sigma,
@@ -263,7 +264,8 @@ class MSWriter:
             cols["CORRECTED_DATA"] = (
                 data
                 if block.corrected is None
-                else gather_rows(np.asarray(block.corrected, np.complex64), layout.corr_index, 0)
+                else gather_rows(np.asarray(block.corrected, np.complex64), layout.corr_index, 0,
+                                 corr_conj=layout.corr_conj)
             )
 
         def per_dump(values: np.ndarray, dtype) -> np.ndarray:

@@ -252,6 +252,33 @@ def test_dual_pol_and_missing_product(tmp_path):
         assert (t.getcol("WEIGHT")[1::N_BLS, 0] == 0).all()
 
 
+def test_products_with_antennas_the_other_way_round(tmp_path, obs):
+    """A correlator that gives (m001, m000) products: the MS holds their conjugates as (m000,
+    m001) rows, with the cross hands swapped, the same MS as from the upper triangle."""
+    from dataclasses import replace
+
+    swapped = [(in2, in1) if in1[:-1] != in2[:-1] else (in1, in2)
+               for in1, in2 in obs.meta.corr_products]
+    conj = np.array([a != b for a, b in zip(swapped, obs.meta.corr_products, strict=True)])
+    assert conj.sum() > 0 and not conj.all()
+    vis = np.where(conj, obs.vis.conj(), obs.vis)
+    corrected = 2 * obs.vis
+
+    def write(path, meta, vis, corrected):
+        with create_ms(path, meta, corrected_data=True) as ms:
+            ms.append(DumpBlock(0, vis, obs.flags, obs.weights, corrected=corrected))
+        return path
+
+    upper = write(tmp_path / "upper.ms", obs.meta, obs.vis, corrected)
+    lower = write(tmp_path / "lower.ms", replace(obs.meta, corr_products=swapped), vis,
+                  np.where(conj, corrected.conj(), corrected))
+    with open_table(upper) as a, open_table(lower) as b:
+        for column in ("ANTENNA1", "ANTENNA2", "UVW", "DATA", "CORRECTED_DATA", "FLAG",
+                       "WEIGHT_SPECTRUM", "SIGMA"):
+            np.testing.assert_array_equal(b.getcol(column), a.getcol(column), err_msg=column)
+        assert not np.array_equal(b.getcol("DATA"), b.getcol("DATA").conj())
+
+
 def test_flag_mask_corrected_and_options(tmp_path, obs):
     progress = []
     path = write_ms(
@@ -325,7 +352,8 @@ def test_bad_input(tmp_path, obs):
         ms.append(DumpBlock(0, obs.vis, obs.flags, obs.weights))
     for bad, match in (
         (replace(meta, corr_products=[("m009h", "m000h")]), "not in antenna_names"),
-        (replace(meta, corr_products=[("m001h", "m000h")]), "upper triangle"),
+        (replace(meta, corr_products=[("m000h", "m001v"), ("m001v", "m000h")]),
+         "appears twice"),
         (replace(meta, corr_products=[("m000x", "m000h")]), "MeerKAT pol"),
         (replace(meta, scans=[Scan(0, 11, 0)]), "outside"),
         (replace(meta, scans=[Scan(0, 5, 0), Scan(4, 6, 1)]), "overlaps"),
