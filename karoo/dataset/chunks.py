@@ -4,7 +4,8 @@ Every stored array becomes a Dask array with one task per stored chunk (time x c
 baselines). Which chunks exist is learnt once, from a listing of the group, so that
 
 * a chunk that was never written is not read at all: it becomes its fill value, and every
-  visibility it covers (in any of the four arrays) is flagged ``data_lost``, and counted;
+  visibility it covers (in any of the four arrays) is flagged ``data_lost``, and counted (in a
+  sharded array, the index of each stored shard says which of its chunks were written);
 * a chunk that exists but cannot be read (a server failing after the chunk store's retries, a
   corrupt object) raises :class:`ChunkReadError` naming the chunk, never lost data in silence.
 
@@ -16,6 +17,7 @@ the ``data_lost`` bit is then a per-block constant known when the graph is built
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -27,8 +29,10 @@ import numcodecs
 import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
+from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 from zarr.codecs.bytes import Endian
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from ..chunkstore.store import ARRAYS, DATA_LOST, StoreUnavailable, stream_prefix
@@ -79,7 +83,11 @@ class StreamReader:
                            f"{name!r} in {self.store.url}") from None
 
     def written_chunks(self, name: str) -> set[tuple[int, ...]]:
-        """Grid indices of the stored objects (chunks, or shards when sharded) of an array."""
+        """Grid indices of the stored chunks of an array.
+
+        Unsharded, a chunk is stored when its object is. Sharded, a stored shard's index says
+        which of its chunks it holds (a shard written in parts may lack some).
+        """
         arr = self.array(name)
         grid = arr.shards or arr.chunks
         shape = arr.shape
@@ -94,14 +102,13 @@ class StreamReader:
 
         try:
             keys = sync(listing())
+            objects = [(by_key[k], k) for k in (key.removeprefix(prefix) for key in keys)
+                       if k in by_key]
+            if arr.shards is None:
+                return {idx for idx, _ in objects}
+            return sync(_chunks_in_shards(arr, objects))
         except Exception as exc:
             raise StoreUnavailable(f"cannot list {name} in {self.store.url}: {exc}") from exc
-        present = set()
-        for key in keys:
-            idx = by_key.get(key[len(prefix):] if key.startswith(prefix) else key)
-            if idx is not None:
-                present.add(idx)
-        return present
 
     def _raw_plan(self, arr):
         """``(directory, decompress)`` when an array's chunks can be read from local files
@@ -250,6 +257,56 @@ class StoredArrays:
                            spec.dtype.str, spec.fill_value)
 
 
+async def _chunks_in_shards(arr, shards: list[tuple[tuple[int, ...], str]]
+                            ) -> set[tuple[int, ...]]:
+    """Chunk-grid indices of the chunks that the given stored shards of `arr` hold.
+
+    Reads each shard's index (Zarr's default layout: little-endian (offset, nbytes) uint64
+    pairs, then a CRC32C; both all ones for an absent chunk). An index of another layout is
+    not parsed: its shard then counts as whole.
+    """
+    codec = arr.metadata.codecs[0]
+    per_shard = tuple(s // c for s, c in zip(arr.shards, arr.chunks, strict=True))
+    n_inner = int(np.prod(per_shard))
+    index_bytes = 16 * n_inner + 4
+    default = (len(codec.index_codecs) == 2
+               and isinstance(codec.index_codecs[0], BytesCodec)
+               and codec.index_codecs[0].endian in (None, Endian.little)
+               and type(codec.index_codecs[1]).__name__ == "Crc32cCodec")
+    at_end = codec.index_location.value == "end"
+    request = SuffixByteRequest(index_bytes) if at_end else RangeByteRequest(0, index_bytes)
+    store = arr.store_path.store
+
+    async def inner(idx, key):
+        first = [i * n for i, n in zip(idx, per_shard, strict=True)]
+        cells = itertools.product(*(range(n) for n in per_shard))
+        if not default:
+            held = np.ones(per_shard, bool)
+        else:
+            buf = await store.get(f"{arr.path}/{key}", default_buffer_prototype(),
+                                  byte_range=request)
+            if buf is None:  # gone since the listing
+                return []
+            pairs = np.frombuffer(buf.to_bytes()[:-4], "<u8").reshape(*per_shard, 2)
+            held = ~(pairs == np.iinfo(np.uint64).max).all(axis=-1)
+        return [tuple(f + c for f, c in zip(first, cell, strict=True))
+                for cell in cells if held[cell]]
+
+    found = await asyncio.gather(*(inner(idx, key) for idx, key in shards))
+    return {chunk for chunks in found for chunk in chunks}
+
+
+def chunk_stored(arr, index: tuple[int, ...]) -> bool:
+    """Whether the chunk at chunk-grid `index` of Zarr array `arr` is stored (see
+    :meth:`StreamReader.written_chunks`)."""
+    grid = arr.shards or arr.chunks
+    obj = tuple(i * c // g for i, c, g in zip(index, arr.chunks, grid, strict=True))
+    key = arr.metadata.encode_chunk_key(obj)
+    if not sync(arr.store_path.store.exists(f"{arr.path}/{key}")):
+        return False
+    return arr.shards is None or index in sync(_chunks_in_shards(arr, [(obj, key)]))
+
+
 def stored_arrays(reader: StreamReader, n_dumps: int) -> StoredArrays:
     """Build the lazy arrays of the first `n_dumps` dumps of a stream (see module docstring)."""
     raw, grids, missing_grid, missing_count = {}, {}, {}, {}
@@ -260,7 +317,6 @@ def stored_arrays(reader: StreamReader, n_dumps: int) -> StoredArrays:
                              "the dataset should have")
         shape = (n_dumps, *arr.shape[1:])
         written = reader.written_chunks(name)
-        obj_grid = arr.shards or arr.chunks
         sizes = [tuple(min(c, n - i) for i in range(0, n, c)) for n, c in
                  zip(shape, arr.chunks, strict=True)]
         token = tokenize(reader, name, n_dumps, sorted(written))
@@ -270,8 +326,7 @@ def stored_arrays(reader: StreamReader, n_dumps: int) -> StoredArrays:
         for idx in itertools.product(*(range(len(s)) for s in sizes)):
             start = [i * c for i, c in zip(idx, arr.chunks, strict=True)]
             slices = tuple(slice(s, s + n[i]) for s, n, i in zip(start, sizes, idx, strict=True))
-            obj = tuple(s // g for s, g in zip(start, obj_grid, strict=True))
-            present = obj in written
+            present = idx in written
             missing[idx] = not present
             tasks[(src, *idx)] = (_read_chunk, reader, name, slices, present, spec.dtype.str,
                                   spec.fill_value)

@@ -21,9 +21,9 @@ import threading
 import katdal.chunkstore as kcs
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 
 from ..chunkstore.store import ChunkStore, StoreUnavailable
+from .chunks import chunk_stored
 
 
 class KatdalZarrStore(kcs.ChunkStore):
@@ -69,13 +69,11 @@ class KatdalZarrStore(kcs.ChunkStore):
             if np.dtype(dtype) != arr.dtype:
                 raise kcs.BadChunk(f"{chunk_name}: requested dtype {np.dtype(dtype)}, stored "
                                    f"{arr.dtype}")
-            grid = arr.shards or arr.chunks
             if any(s.start % c for s, c in zip(slices, arr.chunks, strict=True)):
                 raise kcs.BadChunk(f"{chunk_name}: slices do not start on the Zarr chunk grid "
                                    f"{arr.chunks}")
-            index = tuple(s.start // g for s, g in zip(slices, grid, strict=True))
-            key = f"{arr.path}/{arr.metadata.encode_chunk_key(index)}"
-            if not sync(arr.store_path.store.exists(key)):
+            index = tuple(s.start // c for s, c in zip(slices, arr.chunks, strict=True))
+            if not chunk_stored(arr, index):
                 raise kcs.ChunkNotFound(f"{chunk_name}: never written")
             chunk = arr[tuple(slices)]
         if chunk.shape != shape:

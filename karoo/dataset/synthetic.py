@@ -88,6 +88,7 @@ def write_dataset(
     extra_keys: dict | None = None,
     seed: int = 1,
     content: Callable[..., dict[str, np.ndarray]] | None = None,
+    shard_chunks: tuple[int, int] | None = None,
 ) -> SyntheticDataset:
     """Write a synthetic capture-block stream and its RDB.
 
@@ -108,6 +109,8 @@ def write_dataset(
         Record ``chunk_info`` in telstate (False to make an incomplete RDB).
     content
         ``(n_dumps, n_chans, labels, seed, t0) -> arrays`` to replace :func:`make_content`.
+    shard_chunks
+        Group the chunks into Zarr shards (see :meth:`ChunkStore.create_stream`).
     """
     sim = Simulator.create(n_ants=n_ants, n_chans=n_chans, script=script or short_script(),
                            rfi=None)
@@ -139,7 +142,8 @@ def write_dataset(
 
     async def write():
         stream_store = await store.create_stream(capture_block_id, stream, n_chans, n_bls,
-                                                 chunks=chunks, max_chunk_bytes=max_chunk_bytes)
+                                                 chunks=chunks, max_chunk_bytes=max_chunk_bytes,
+                                                 shard_chunks=shard_chunks)
         async with stream_store:
             t_step = max(arr.chunks[0] for arr in stream_store.arrays.values())
             for t0 in range(0, n_dumps, t_step):

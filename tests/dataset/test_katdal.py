@@ -41,12 +41,14 @@ def test_katdal_reads_karoo_store(dataset):
         np.testing.assert_allclose(kd.sensor[name], d.sensor[name])
 
 
-def test_katdal_and_karoo_agree_on_lost_chunks(tmp_path):
+@pytest.mark.parametrize("shard_chunks", [None, (2, 2)], ids=["chunks", "shards"])
+def test_katdal_and_karoo_agree_on_lost_chunks(tmp_path, shard_chunks):
     def skip(name, index):
         return (name, index) in {("correlator_data", (5, 2, 0)), ("weights", (1, 1, 0)),
                                  ("flags", (2, 0, 0))}
 
-    syn = write_dataset(tmp_path, n_ants=2, n_chans=64, chunks=CHUNKS, skip_chunks=skip)
+    syn = write_dataset(tmp_path, n_ants=2, n_chans=64, chunks=CHUNKS, skip_chunks=skip,
+                        shard_chunks=shard_chunks)
     kd = katdal.open(syn.rdb, chunk_store=KatdalZarrStore(syn.store))
     d = karoo.open(syn.rdb)
     assert d.missing_chunks["correlator_data"] == 1

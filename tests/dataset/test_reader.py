@@ -172,11 +172,14 @@ def test_distributed_workers(dataset):
     assert remote_shape == (2, 3, 24)
 
 
-def test_missing_and_corrupt_chunks(tmp_path):
+@pytest.mark.parametrize("shard_chunks", [None, (2, 2)], ids=["chunks", "shards"])
+def test_missing_and_corrupt_chunks(tmp_path, shard_chunks):
+    """Lost chunks, also inside a shard that was written (its index tells)."""
     def skip(name, index):
         return (name, index) in {("correlator_data", (3, 1, 0)), ("weights_channel", (1, 0))}
 
-    syn = write_dataset(tmp_path, n_ants=2, n_chans=64, chunks=CHUNKS, skip_chunks=skip)
+    syn = write_dataset(tmp_path, n_ants=2, n_chans=64, chunks=CHUNKS, skip_chunks=skip,
+                        shard_chunks=shard_chunks)
     d = karoo.open(syn.rdb)
     assert d.missing_chunks == {"correlator_data": 1, "flags": 0, "weights": 0,
                                 "weights_channel": 1}
@@ -191,6 +194,8 @@ def test_missing_and_corrupt_chunks(tmp_path):
     vis = d.vis[:]
     assert np.all(vis[6:8, 16:32] == 0)
     np.testing.assert_array_equal(vis[~lost], syn.vis[~lost])
+    if shard_chunks:
+        return  # the corrupt object below is a plain chunk
     # a chunk that exists but is garbage is an error, not lost data
     chunk = next((tmp_path / f"{syn.capture_block_id}-sdp-l0" / "flags").rglob("c/0/0/0"))
     chunk.write_bytes(b"not zstd")
