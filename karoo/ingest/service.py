@@ -71,6 +71,8 @@ INPUT_REASONS = {
     "too_old": "timestamp of a dump already delivered or before the first timestamp",
     "too_far": "timestamp implausibly far ahead",
     "duplicate": "a second heap for the same dump and channels",
+    "outvoted": "contradicting the timestamp base most heaps agreed on (e.g. a stray first heap)",
+    "unconfirmed": "in dumps that ended before enough heaps agreed on a timestamp base",
     "incomplete": "packets lost: heap discarded",
     "no_descriptor": "data before any xeng_raw descriptor",
     "bad_descriptor": "data while the xeng_raw descriptor declared a wrong shape or dtype",
@@ -612,6 +614,8 @@ class IngestService(Service):
                 self._update_input(dump.counters, self._before_base)
                 self._last_dump.value = cbf.sync_time + dump.timestamp / cbf.scale_factor_timestamp
                 if self._base is None:
+                    # The receiver only delivers dumps under a base that enough heaps have
+                    # confirmed, so a stray first heap cannot set dump 0 for every server.
                     self._base = await self._agree_first_timestamp(cbid, dump.timestamp)
                 offset = dump.timestamp - self._base
                 if offset < 0 or offset % step:
