@@ -34,7 +34,7 @@ from karoo.sim import HeapLossModel, RfiModel
 from karoo.sim.service import SimConfig, SimService
 from karoo.spead.cbf import CBF_FLAVOUR, CBFSender
 from karoo.spead.l0 import L0Receiver
-from karoo.spead.transport import remove_inproc_queues
+from karoo.spead.transport import inproc_queue, remove_inproc_queues
 from karoo.telstate import aio as telstate_aio
 
 CBF = "cbf_baseline_correlation_products"
@@ -525,6 +525,40 @@ async def test_fuzz_udp(names):
         assert int(await sensor(client, "input-missing-heaps-total")) == 0
     assert [d.dump_index for d in dumps] == list(range(6))
     assert all(not (d.flags & F.DATA_LOST).any() for d in dumps)
+
+
+async def test_stray_first_heap_does_not_move_dump_zero(names):
+    """A well-formed heap far in the future arriving before the correlator starts must not
+    become dump 0 (for this server and, through telstate, for every other)."""
+    ts = telstate_aio.TelescopeState()
+    cbf, l0 = names("cbf"), names("l0")
+    sim = SimService("127.0.0.1", 0, telstate=ts, name="sim",
+                     config=sim_config(cbf, max_dumps=4))
+    ingest = IngestService("127.0.0.1", 0, telstate=ts, name="ingest", config=IngestConfig(
+        cbf_spead=cbf, l0_spectral_spead=l0, output_int_time=0.5, clock_ratio=0))
+    s, params = sim.simulator, sim.params
+    stray = _raw_heap(timestamp=s.dump_timestamp(10**6), frequency=0,
+                      xeng=np.zeros((params.n_chans_per_substream, params.n_bls, 2), ">i4"))
+    async with running(sim) as sim_client, running(ingest) as client:
+        rx = L0Receiver(l0, 256, len(ingest.permutation), 256)
+        task = asyncio.ensure_future(_collect(rx))
+        await client.request("capture-init", "cb1")
+        raw = spead2.send.asyncio.InprocStream(
+            spead2.ThreadPool(), [inproc_queue(cbf[len("inproc://"):])],
+            spead2.send.StreamConfig(max_packet_size=8872))
+        await raw.async_send_heap(stray)
+        await sim_client.request("capture-start")
+        await sim.wait_finished()
+        await wait_received(ingest, 1 + 4 * 16)
+        await client.request("capture-done")
+        dumps = await asyncio.wait_for(task, 30)
+        assert await sensor(client, "input-outvoted-heaps-total") == "1"
+        assert await sensor(client, "input-heaps-total") == str(4 * 16)
+        for reason in ("too-far", "too-old", "bad-timestamp", "missing", "unconfirmed"):
+            assert await sensor(client, f"input-{reason}-heaps-total") == "0", reason
+    assert await ts.get("cb1_sdp_l0_first_timestamp_adc") == s.first_timestamp
+    assert [d.dump_index for d in dumps] == [0, 1, 2, 3]
+    assert not any((d.flags & F.DATA_LOST).any() for d in dumps)
 
 
 def _raw_heap(timestamp=None, frequency=None, xeng=None):
