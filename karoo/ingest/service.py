@@ -8,7 +8,9 @@ and for each capture block (``capture-init`` .. ``capture-done``):
    (channels of this server's band share plus guard channels, whole substreams);
 2. agrees with the other ingest servers on the timestamp of dump 0 through the set-once
    telstate key ``<cbid>_<l0>_first_timestamp_adc`` (the first writer wins), so every server
-   numbers output dumps alike;
+   numbers output dumps alike; the value offered is the first delivered dump's, which the
+   receiver only delivers once enough heaps have confirmed its timestamp base (a stray heap
+   arriving first is outvoted, not made dump 0);
 3. converts, flags and accumulates every CBF dump with `karoo.ingest.kernels.DumpProcessor`
    (numba CPU or numba-cuda GPU), heaps that never arrived flagged ``data_lost``;
 4. at the end of each output dump (groups of ``round(output_int_time / cbf_int_time)`` CBF
