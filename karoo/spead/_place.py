@@ -13,7 +13,10 @@ contradicts it. Contradicting heaps are tallied as a challenger (the same candid
 machinery as the ``too_far`` jump check); a challenger with at least as many heaps behind it
 as the provisional base replaces it, otherwise its heaps are rejected as ``outvoted``. The
 base is *confirmed*, and fixed from then on, once ``confirm`` accepted heaps agree with it
-(a majority of one dump's substreams, and at least two heaps).
+(a majority of one dump's substreams, and at least two heaps). The tie rule makes a lone
+stray heap first cost nothing but itself; a stray heap arriving between the first genuine
+heaps of a capture briefly takes over and costs the genuine heaps placed before it (one,
+typically), which are then counted as ``outvoted`` too. Duplicates do not vote.
 
 Chunk ids are not dump indices: dump ``d`` under the current base goes to chunk
 ``id0 + d``. Re-basing starts a new epoch after every chunk given out so far (spead2's window
