@@ -8,7 +8,9 @@ and for each capture block (``capture-init`` .. ``capture-done``):
    (channels of this server's band share plus guard channels, whole substreams);
 2. agrees with the other ingest servers on the timestamp of dump 0 through the set-once
    telstate key ``<cbid>_<l0>_first_timestamp_adc`` (the first writer wins), so every server
-   numbers output dumps alike;
+   numbers output dumps alike; the value offered is the first delivered dump's, which the
+   receiver only delivers once enough heaps have confirmed its timestamp base (a stray heap
+   arriving first is outvoted, not made dump 0);
 3. converts, flags and accumulates every CBF dump with `karoo.ingest.kernels.DumpProcessor`
    (numba CPU or numba-cuda GPU), heaps that never arrived flagged ``data_lost``;
 4. at the end of each output dump (groups of ``round(output_int_time / cbf_int_time)`` CBF
@@ -71,6 +73,8 @@ INPUT_REASONS = {
     "too_old": "timestamp of a dump already delivered or before the first timestamp",
     "too_far": "timestamp implausibly far ahead",
     "duplicate": "a second heap for the same dump and channels",
+    "outvoted": "contradicting the timestamp base most heaps agreed on (e.g. a stray first heap)",
+    "unconfirmed": "in dumps that ended before enough heaps agreed on a timestamp base",
     "incomplete": "packets lost: heap discarded",
     "no_descriptor": "data before any xeng_raw descriptor",
     "bad_descriptor": "data while the xeng_raw descriptor declared a wrong shape or dtype",
@@ -612,6 +616,8 @@ class IngestService(Service):
                 self._update_input(dump.counters, self._before_base)
                 self._last_dump.value = cbf.sync_time + dump.timestamp / cbf.scale_factor_timestamp
                 if self._base is None:
+                    # The receiver only delivers dumps under a base that enough heaps have
+                    # confirmed, so a stray first heap cannot set dump 0 for every server.
                     self._base = await self._agree_first_timestamp(cbid, dump.timestamp)
                 offset = dump.timestamp - self._base
                 if offset < 0 or offset % step:

@@ -5,6 +5,24 @@ immediate items we asked for. It decides which dump (chunk) and substream slot (
 index) the heap belongs to, or rejects it and counts why, in spead2's batch statistics.
 It never touches Python objects, so it runs without the GIL.
 
+The timestamp base (the timestamp of dump 0, unless the receiver was given one) is voted
+on rather than taken from the first heap, so that one stray or crafted heap arriving first
+cannot poison the capture. The first well-formed heap sets a *provisional* base; every
+later heap either agrees with it (on its dump grid and within ``max_ahead`` dumps of it) or
+contradicts it. Contradicting heaps are tallied as a challenger (the same candidate-and-count
+machinery as the ``too_far`` jump check); a challenger with at least as many heaps behind it
+as the provisional base replaces it, otherwise its heaps are rejected as ``outvoted``. The
+base is *confirmed*, and fixed from then on, once ``confirm`` accepted heaps agree with it
+(a majority of one dump's substreams, and at least two heaps). The tie rule makes a lone
+stray heap first cost nothing but itself; a stray heap arriving between the first genuine
+heaps of a capture briefly takes over and costs the genuine heaps placed before it (one,
+typically), which are then counted as ``outvoted`` too. Duplicates do not vote.
+
+Chunk ids are not dump indices: dump ``d`` under the current base goes to chunk
+``id0 + d``. Re-basing starts a new epoch after every chunk given out so far (spead2's window
+only moves forward), so the superseded chunks are still delivered to Python, which discards
+them by their id (below ``id0``) and counts their heaps.
+
 Everything it needs lives in one int64 *state* array handed over as user data (so the
 function is compiled once, cached on disk, and shared by every receiver). Layout:
 
@@ -44,7 +62,7 @@ DESCRIPTOR_ID = 0x05
 # Parameters and running values in the state array.
 P_STEP = 0  # ADC ticks between dumps
 P_BASE = 1  # timestamp of dump index 0
-P_BASE_SET = 2  # 0 until the base is known
+P_BASE_STATE = 2  # BASE_NONE, BASE_PROVISIONAL or BASE_CONFIRMED
 P_FIRST_CHAN = 3  # first channel of the received range
 P_CHANS_PER_SUB = 4
 P_N_SUB = 5  # heaps per dump
@@ -62,7 +80,14 @@ P_DESC_COUNT = 16  # descriptor packets captured so far
 P_TOTAL = 17  # length of the state array in int64 words
 P_FLUSH_TOKEN = 18
 P_FLUSH_CHUNK = 19  # chunk id given to the flush heap (-1: none yet)
-HEADER = 24
+P_ID0 = 20  # chunk id of dump index 0 under the current base
+P_VOTES = 21  # accepted heaps agreeing with the provisional base
+P_ALT_TS = 22  # challenger of the provisional base: a timestamp contradicting it ...
+P_ALT_COUNT = 23  # ... and the heaps of that timestamp seen since
+P_CONFIRM = 24  # agreeing heaps that confirm the base
+HEADER = 32
+
+BASE_NONE, BASE_PROVISIONAL, BASE_CONFIRMED = 0, 1, 2
 
 # Rejection reasons, in the order of their statistics.
 REASONS = (
@@ -74,9 +99,10 @@ REASONS = (
     "too_far",
     "duplicate",
     "metadata",
+    "outvoted",
 )
 S_BAD_SIZE, S_MISSING_ITEMS, S_BAD_CHANNEL, S_BAD_TIMESTAMP = 0, 1, 2, 3
-S_TOO_OLD, S_TOO_FAR, S_DUPLICATE, S_METADATA = 4, 5, 6, 7
+S_TOO_OLD, S_TOO_FAR, S_DUPLICATE, S_METADATA, S_OUTVOTED = 4, 5, 6, 7, 8
 
 
 def make_state(
@@ -93,15 +119,24 @@ def make_state(
     desc_slots: int = 4,
     desc_slot_bytes: int = 65536,
     flush_token: int = 0,
+    confirm: int | None = None,
 ) -> np.ndarray:
-    """Allocate and fill the state array for one receiver."""
+    """Allocate and fill the state array for one receiver.
+
+    A given `base` is confirmed from the start; otherwise it is voted on, and confirmed by
+    `confirm` agreeing heaps (default: a majority of `n_substreams`, at least two).
+    """
+    if confirm is None:
+        confirm = max(2, n_substreams // 2 + 1)
+    if confirm < 1:
+        raise ValueError("confirm must be at least 1")
     dup_ring = window + 1
     desc_words = desc_slots * desc_slot_bytes // 8
     total = HEADER + dup_ring + dup_ring * n_substreams + 2 * desc_slots + desc_words
     state = np.zeros(total, np.int64)
     state[P_STEP] = step
     state[P_BASE] = 0 if base is None else base
-    state[P_BASE_SET] = 0 if base is None else 1
+    state[P_BASE_STATE] = BASE_NONE if base is None else BASE_CONFIRMED
     state[P_FIRST_CHAN] = first_channel
     state[P_CHANS_PER_SUB] = chans_per_substream
     state[P_N_SUB] = n_substreams
@@ -117,6 +152,8 @@ def make_state(
     state[P_TOTAL] = total
     state[P_FLUSH_TOKEN] = flush_token
     state[P_FLUSH_CHUNK] = -1
+    state[P_ALT_TS] = -1
+    state[P_CONFIRM] = confirm
     state[HEADER : HEADER + dup_ring] = -1
     return state
 
@@ -174,6 +211,54 @@ def _capture_descriptor(state, packet, packet_size, n_items, heap_length, payloa
 
 
 @numba.njit(nogil=True, cache=True)
+def _tally(state, slot, key):
+    """Count heaps agreeing on a candidate `key` (kept at ``state[slot]``, its count at
+    ``state[slot + 1]``); a heap with another key replaces the candidate. Returns the count."""
+    if state[slot] == key:
+        state[slot + 1] += 1
+    else:
+        state[slot] = key
+        state[slot + 1] = 1
+    return state[slot + 1]
+
+
+@numba.njit(nogil=True, cache=True)
+def _set_base(state, timestamp):
+    """Make `timestamp` the provisional base of a new epoch of chunk ids."""
+    latest = state[P_LATEST]
+    state[P_BASE] = timestamp
+    state[P_ID0] = latest + 1 if latest >= 0 else 0
+    state[P_BASE_STATE] = BASE_PROVISIONAL
+    state[P_VOTES] = 0
+    state[P_ALT_TS] = -1
+    state[P_ALT_COUNT] = 0
+    state[P_FAR_ID] = -1  # a jump candidate of the old epoch means nothing in the new one
+
+
+@numba.njit(nogil=True, cache=True)
+def _vote_base(state, timestamp):
+    """Vote with a heap on the base while it is not confirmed.
+
+    Returns False if the heap contradicts the provisional base and is outvoted; True if it
+    agrees (it is then counted as a vote once accepted) or has made itself the new base.
+    """
+    if state[P_BASE_STATE] == BASE_NONE:
+        _set_base(state, timestamp)
+        return True
+    step = state[P_STEP]
+    diff = timestamp - state[P_BASE]
+    reach = state[P_MAX_AHEAD] * step
+    if diff % step == 0 and -reach <= diff <= reach:
+        return True
+    # Re-base on a tie: with a lone stray heap first, the first genuine heap takes over and
+    # none of the genuine stream is lost.
+    if _tally(state, P_ALT_TS, timestamp) < state[P_VOTES]:
+        return False
+    _set_base(state, timestamp)
+    return True
+
+
+@numba.njit(nogil=True, cache=True)
 def place_heap(state, items, packet, packet_size, stats):
     """Decide where a heap goes.
 
@@ -221,33 +306,29 @@ def place_heap(state, items, packet, packet_size, stats):
         return -1, 0
     heap_index = rel_chan // cps
 
-    if state[P_BASE_SET] == 0:
-        state[P_BASE] = timestamp
-        state[P_BASE_SET] = 1
     step = state[P_STEP]
+    if state[P_BASE_STATE] != BASE_CONFIRMED and not _vote_base(state, timestamp):
+        stats[stat0 + S_OUTVOTED] += 1
+        return -1, 0
     rel_ts = timestamp - state[P_BASE]
     if rel_ts % step != 0:
         stats[stat0 + S_BAD_TIMESTAMP] += 1
         return -1, 0
-    chunk_id = rel_ts // step
+    dump_index = rel_ts // step
+    chunk_id = state[P_ID0] + dump_index
     latest = state[P_LATEST]
-    if chunk_id < 0 or (latest >= 0 and chunk_id <= latest - state[P_WINDOW]):
+    if dump_index < 0 or (latest >= 0 and chunk_id <= latest - state[P_WINDOW]):
         stats[stat0 + S_TOO_OLD] += 1
         return -1, 0
-    if latest >= 0 and chunk_id > latest + state[P_MAX_AHEAD]:
-        # A lone heap far in the future is more likely garbage than a real jump; accept
-        # the jump only once a whole dump's worth of heaps agrees on it.
-        if state[P_FAR_ID] == chunk_id:
-            state[P_FAR_COUNT] += 1
-        else:
-            state[P_FAR_ID] = chunk_id
-            state[P_FAR_COUNT] = 1
-        if state[P_FAR_COUNT] < state[P_N_SUB]:
-            stats[stat0 + S_TOO_FAR] += 1
-            return -1, 0
-    if chunk_id > latest:
-        state[P_LATEST] = chunk_id
-
+    # A lone heap far in the future is more likely garbage than a real jump; accept the
+    # jump only once a whole dump's worth of heaps agrees on it.
+    if (
+        latest >= 0
+        and chunk_id > latest + state[P_MAX_AHEAD]
+        and _tally(state, P_FAR_ID, chunk_id) < state[P_N_SUB]
+    ):
+        stats[stat0 + S_TOO_FAR] += 1
+        return -1, 0
     ring = state[P_DUP_RING]
     n_sub = state[P_N_SUB]
     slot = chunk_id % ring
@@ -260,6 +341,12 @@ def place_heap(state, items, packet, packet_size, stats):
         stats[stat0 + S_DUPLICATE] += 1
         return -1, 0
     state[seen] = 1
+    if chunk_id > latest:
+        state[P_LATEST] = chunk_id
+    if state[P_BASE_STATE] == BASE_PROVISIONAL:
+        state[P_VOTES] += 1
+        if state[P_VOTES] >= state[P_CONFIRM]:
+            state[P_BASE_STATE] = BASE_CONFIRMED
     return chunk_id, heap_index
 
 

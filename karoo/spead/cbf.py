@@ -11,6 +11,14 @@ own heaps. Missing visibilities are zeros (old correlator) or INT32_MIN in the r
 
 The receiver assembles each dump in place with spead2's chunking receiver and a
 numba-compiled place callback (:mod:`karoo.spead._place`), so no Python runs per heap.
+
+Unless it is given one, the receiver establishes the timestamp base (dump 0) by a vote
+rather than from the first heap: the first well-formed heap's timestamp is only provisional,
+a heap off its grid or too far from it counts against it, and the base moves to whichever
+timestamp has at least as many heaps behind it, until enough heaps (a majority of one dump's
+substreams, at least two) agree and confirm it for good. So one stray or crafted heap
+arriving first (a timestamp far ahead or behind, or off the grid) costs nothing but itself;
+it is counted as ``outvoted``. Dumps are only delivered under a confirmed base.
 """
 
 from __future__ import annotations
@@ -346,7 +354,8 @@ class CBFReceiver:
         ``(first, stop)`` channels to receive; must align to substreams. Default: all.
     timestamp_base
         Timestamp of dump index 0 (agreed between ingest servers through telstate). Default:
-        the first acceptable heap's timestamp.
+        voted on by the first heaps (see the module docstring); dumps are delivered once a
+        majority of a dump's substreams (at least two heaps) agree on it.
     byteorder
         Byte order of ``xeng_raw`` if no descriptor has been seen; None (default) means
         dumps are only delivered once a descriptor has said it (earlier heaps are counted
@@ -393,8 +402,10 @@ class CBFReceiver:
         self._bad_descriptor = False
         self._desc_seen = 0
         self._extra = dict.fromkeys(
-            ("missing", "no_descriptor", "bad_descriptor", "dumps", "empty_dumps", "heaps"), 0
+            ("missing", "no_descriptor", "bad_descriptor", "dumps", "empty_dumps", "heaps",
+             "unconfirmed"), 0
         )
+        self._superseded = 0  # heaps in chunks of a base that was outvoted
 
         config = spead2.recv.StreamConfig(
             max_heaps=self.n_substreams + 2,
@@ -459,9 +470,12 @@ class CBFReceiver:
         reason: ``bad_size`` (payload not the expected shape/dtype size), ``missing_items``
         (no timestamp or frequency), ``bad_channel`` (frequency not a substream start in
         range), ``bad_timestamp`` (not on the dump grid), ``too_old`` (dump already
-        delivered or before the base), ``too_far`` (implausibly far ahead), ``duplicate``;
-        ``metadata`` (descriptor heaps), ``no_descriptor`` / ``bad_descriptor`` (heaps in
-        dumps withheld because no usable ``xeng_raw`` descriptor was known).
+        delivered or before the base), ``too_far`` (implausibly far ahead), ``duplicate``,
+        ``outvoted`` (contradicting the timestamp base the majority of heaps settled on,
+        while it was being settled), ``unconfirmed`` (in dumps that ended before any base
+        was confirmed); ``metadata`` (descriptor heaps), ``no_descriptor`` /
+        ``bad_descriptor`` (heaps in dumps withheld because no usable ``xeng_raw``
+        descriptor was known).
         """
         stats = self._stream.stats
         out = {reason: int(stats["karoo_" + reason]) for reason in _place.REASONS}
@@ -469,6 +483,7 @@ class CBFReceiver:
             stats["incomplete_heaps_flushed"]
         )
         out.update(self._extra)
+        out["outvoted"] += self._superseded
         return out
 
     @property
@@ -478,15 +493,19 @@ class CBFReceiver:
 
     @property
     def latest_dump(self) -> int:
-        """Newest dump index a heap has been placed in (-1: none yet). Updated by the place
-        callback as each heap starts, unlike spead2's statistics, which are published per
-        batch of packets (an in-process reader may take a whole queue as one batch)."""
-        return int(self._state[_place.P_LATEST])
+        """Newest dump index a heap has been placed in (-1: none yet), under the current
+        base. Updated by the place callback as each heap starts, unlike spead2's
+        statistics, which are published per batch of packets (an in-process reader may take
+        a whole queue as one batch)."""
+        latest = int(self._state[_place.P_LATEST])
+        return latest - int(self._state[_place.P_ID0]) if latest >= 0 else -1
 
     @property
     def timestamp_base(self) -> int | None:
-        """Timestamp of dump index 0, once known."""
-        return int(self._state[_place.P_BASE]) if self._state[_place.P_BASE_SET] else None
+        """Timestamp of dump index 0, once confirmed (see the module docstring)."""
+        if self._state[_place.P_BASE_STATE] != _place.BASE_CONFIRMED:
+            return None
+        return int(self._state[_place.P_BASE])
 
     @property
     def byteorder(self) -> str | None:
@@ -560,6 +579,15 @@ class CBFReceiver:
         self._check_descriptors(chunk.chunk_id)
         present = chunk.present.astype(bool)
         n_present = int(present.sum())
+        # The state first: once confirmed, the base and its epoch never change again.
+        confirmed = self._state[_place.P_BASE_STATE] == _place.BASE_CONFIRMED
+        id0 = int(self._state[_place.P_ID0])
+        if chunk.chunk_id < id0:
+            self._superseded += n_present  # placed under a base the majority overturned
+            return None
+        if not confirmed:
+            self._extra["unconfirmed"] += n_present
+            return None
         if n_present == 0:
             self._extra["empty_dumps"] += 1
             return None
@@ -580,10 +608,11 @@ class CBFReceiver:
         self._extra["heaps"] += n_present
         self._extra["dumps"] += 1
         base = int(self._state[_place.P_BASE])
+        dump_index = chunk.chunk_id - id0
         self._current = chunk
         return CBFDump(
-            timestamp=base + chunk.chunk_id * self.params.timestamp_step,
-            dump_index=chunk.chunk_id,
+            timestamp=base + dump_index * self.params.timestamp_step,
+            dump_index=dump_index,
             data=data,
             present=present,
             counters=self.counters,

@@ -30,11 +30,11 @@ from karoo.ingest.service import (
     IngestService,
     channel_ranges,
 )
-from karoo.sim import HeapLossModel, RfiModel
+from karoo.sim import HeapLossModel, RfiEvent, RfiModel
 from karoo.sim.service import SimConfig, SimService
 from karoo.spead.cbf import CBF_FLAVOUR, CBFSender
 from karoo.spead.l0 import L0Receiver
-from karoo.spead.transport import remove_inproc_queues
+from karoo.spead.transport import inproc_queue, remove_inproc_queues
 from karoo.telstate import aio as telstate_aio
 
 CBF = "cbf_baseline_correlation_products"
@@ -453,6 +453,89 @@ async def test_band_split_two_servers_agree(names):
     assert rx.counters["heaps"] == 8
 
 
+def _boundary_rfi(sim):
+    """Strong RFI next to channel 128, where two servers split a 256-channel band: four-channel
+    transmitters ending at the boundary on one side (dumps 0-3) then starting at it on the other
+    (4-7), so that a median window cut at the boundary sees mostly RFI, and blips on the
+    boundary channels."""
+    events = [
+        RfiEvent("narrowband", 0, 4, 124, 128, 200.0, 3000.0, 1),
+        RfiEvent("narrowband", 4, 4, 128, 132, 200.0, 3000.0, 2),
+        RfiEvent("blip", 1, 1, 127, 129, 400.0, 3000.0, 3),
+        RfiEvent("blip", 5, 1, 126, 127, 400.0, 3000.0, 4),
+        RfiEvent("blip", 6, 1, 128, 129, 400.0, 3000.0, 5),
+    ]
+    return RfiModel(sim.array, sim.config.n_chans, events)
+
+
+async def test_guard_channels_make_a_band_split_equal_one_server(names):
+    """sim -> two ingest servers with guard channels -> L0 equals one server over the whole
+    band, flags and visibilities bit-identical around the inner boundary; without guard
+    channels (the negative control) the flags there differ."""
+    n_dumps, guard = 8, 16
+    sim = make_sim(seed=11)
+    sim.rfi = _boundary_rfi(sim)
+    ts = telstate_aio.TelescopeState()
+    cbf = names("cbf")  # in-process queues fan out: every server gets every heap
+    sim_service = SimService("127.0.0.1", 0, telstate=ts, name="sim",
+                             config=sim_config(cbf, max_dumps=n_dumps), simulator=sim)
+    runs = {"whole": (1, 0), "guarded": (2, guard), "unguarded": (2, 0)}
+    outputs = {run: names(f"l0-{run}") for run in runs}
+    services = {
+        run: [IngestService("127.0.0.1", 0, telstate=ts, name=f"ingest-{run}{k}",
+                            config=IngestConfig(
+                                cbf_spead=cbf, l0_spectral_spead=outputs[run],
+                                l0_spectral_name=f"sdp_l0_{run}", output_int_time=1.0,
+                                servers=servers, server_id=k, guard_channels=guard_channels,
+                                clock_ratio=0))
+              for k in range(1, servers + 1)]
+        for run, (servers, guard_channels) in runs.items()
+    }
+    every = [service for group in services.values() for service in group]
+    async with contextlib.AsyncExitStack() as stack:
+        sim_client = await stack.enter_async_context(running(sim_service))
+        clients = [await stack.enter_async_context(running(s)) for s in every]
+        n_bls = len(every[0].permutation)
+        tasks = {run: asyncio.ensure_future(_collect(L0Receiver(
+            outputs[run], 256, n_bls, 256 // len(services[run])))) for run in runs}
+        for client in clients:
+            await client.request("capture-init", "cb1")
+        await sim_client.request("capture-start")
+        await sim_service.wait_finished()
+        for service in every:
+            await wait_received(service, n_dumps * 16)
+        await asyncio.gather(*(client.request("capture-done") for client in clients))
+        got = {run: await asyncio.wait_for(task, 30) for run, task in tasks.items()}
+        for client in clients:
+            assert await sensor(client, "input-missing-heaps-total") == "0"
+    assert services["guarded"][0].ranges.input == (0, 128 + guard)
+    assert services["guarded"][1].ranges.input == (128 - guard, 256)
+
+    whole, guarded, unguarded = got["whole"], got["guarded"], got["unguarded"]
+    assert [d.dump_index for d in whole] == list(range(n_dumps // 2))
+    for run in (guarded, unguarded):
+        assert [d.dump_index for d in run] == [d.dump_index for d in whole]
+        assert [d.timestamp for d in run] == [d.timestamp for d in whole]
+        assert all(d.complete for d in run)
+    rfi = np.stack([d.flags & F.INGEST_RFI for d in whole]) != 0
+    near = slice(128 - guard, 128 + guard)
+    truth = _truth_masks(sim, n_dumps, every[0].permutation)
+    assert rfi[:, near].sum() > 100  # the boundary RFI is there to be found ...
+    assert (rfi[:, near] <= truth.reshape(-1, 2, 256, n_bls).any(1)[:, near]).all()  # ... only
+    # Bit-identical around the boundary, where the guard gives each server the median
+    # filter's context. Not necessarily elsewhere: each server estimates a baseline's noise
+    # (the flagging threshold) from its own channels, as katsdpingest's do, so a sample close
+    # to the threshold may go either way (one does, far from the boundary, in this run).
+    for a, b in zip(whole, guarded, strict=True):
+        for name in ("vis", "flags", "weights", "weights_channel"):
+            x, y = getattr(a, name)[near], getattr(b, name)[near]
+            assert x.tobytes() == y.tobytes(), name
+    # Negative control: without the guard the median windows at the boundary are cut short.
+    differ = sum(int(np.count_nonzero(a.flags[near] != b.flags[near]))
+                 for a, b in zip(whole, unguarded, strict=True))
+    assert differ > 0
+
+
 async def test_fuzz_udp(names):
     """Random packets and malformed heaps are counted by reason; valid data still flows."""
     ts = telstate_aio.TelescopeState()
@@ -525,6 +608,40 @@ async def test_fuzz_udp(names):
         assert int(await sensor(client, "input-missing-heaps-total")) == 0
     assert [d.dump_index for d in dumps] == list(range(6))
     assert all(not (d.flags & F.DATA_LOST).any() for d in dumps)
+
+
+async def test_stray_first_heap_does_not_move_dump_zero(names):
+    """A well-formed heap far in the future arriving before the correlator starts must not
+    become dump 0 (for this server and, through telstate, for every other)."""
+    ts = telstate_aio.TelescopeState()
+    cbf, l0 = names("cbf"), names("l0")
+    sim = SimService("127.0.0.1", 0, telstate=ts, name="sim",
+                     config=sim_config(cbf, max_dumps=4))
+    ingest = IngestService("127.0.0.1", 0, telstate=ts, name="ingest", config=IngestConfig(
+        cbf_spead=cbf, l0_spectral_spead=l0, output_int_time=0.5, clock_ratio=0))
+    s, params = sim.simulator, sim.params
+    stray = _raw_heap(timestamp=s.dump_timestamp(10**6), frequency=0,
+                      xeng=np.zeros((params.n_chans_per_substream, params.n_bls, 2), ">i4"))
+    async with running(sim) as sim_client, running(ingest) as client:
+        rx = L0Receiver(l0, 256, len(ingest.permutation), 256)
+        task = asyncio.ensure_future(_collect(rx))
+        await client.request("capture-init", "cb1")
+        raw = spead2.send.asyncio.InprocStream(
+            spead2.ThreadPool(), [inproc_queue(cbf[len("inproc://"):])],
+            spead2.send.StreamConfig(max_packet_size=8872))
+        await raw.async_send_heap(stray)
+        await sim_client.request("capture-start")
+        await sim.wait_finished()
+        await wait_received(ingest, 1 + 4 * 16)
+        await client.request("capture-done")
+        dumps = await asyncio.wait_for(task, 30)
+        assert await sensor(client, "input-outvoted-heaps-total") == "1"
+        assert await sensor(client, "input-heaps-total") == str(4 * 16)
+        for reason in ("too-far", "too-old", "bad-timestamp", "missing", "unconfirmed"):
+            assert await sensor(client, f"input-{reason}-heaps-total") == "0", reason
+    assert await ts.get("cb1_sdp_l0_first_timestamp_adc") == s.first_timestamp
+    assert [d.dump_index for d in dumps] == [0, 1, 2, 3]
+    assert not any((d.flags & F.DATA_LOST).any() for d in dumps)
 
 
 def _raw_heap(timestamp=None, frequency=None, xeng=None):

@@ -304,3 +304,128 @@ async def test_fuzz_udp_then_valid_dumps():
     for (_, _, data, present), dump in zip(got, dumps, strict=True):
         assert present.all()
         np.testing.assert_array_equal(data, dump)
+
+
+# -- the timestamp base: voted on, so one stray heap first cannot poison the capture -------------
+
+GENUINE = 2**40  # far enough from 0 that a stray heap can lie a million dumps behind it
+STEP = PARAMS.timestamp_step
+CPS = PARAMS.n_chans_per_substream
+
+
+def _raw_sender(spec):
+    return spead2.send.asyncio.InprocStream(
+        spead2.ThreadPool(), [inproc_queue(spec[len("inproc://"):])],
+        spead2.send.StreamConfig(max_packet_size=8872),
+    )
+
+
+def _stray(kind):
+    """A heap that is not part of the genuine stream, and the reason it must be counted as."""
+    heap = np.zeros((CPS, PARAMS.n_bls, 2), np.int32)
+    if kind == "far_future":
+        return raw_heap({}, GENUINE + 10**6 * STEP, 0, heap), "outvoted"
+    if kind == "far_past":
+        return raw_heap({}, GENUINE - 10**6 * STEP, 2 * CPS, heap), "outvoted"
+    if kind == "off_grid":  # near the genuine stream, but not on its dump grid
+        return raw_heap({}, GENUINE + STEP // 2, CPS, heap), "outvoted"
+    if kind == "off_grid_ahead":
+        return raw_heap({}, GENUINE + 3 * STEP + 1, 3 * CPS, heap), "outvoted"
+    assert kind == "channel_layout"
+    # a correlator with 8-channel heaps of twice the baselines: the same heap size, but its
+    # second heap starts at channel 8, not one of our substreams (and its timestamp is far off)
+    other = np.zeros((CPS // 2, 2 * PARAMS.n_bls, 2), np.int32)
+    return raw_heap({}, GENUINE + 10**6 * STEP, CPS // 2, other), "bad_channel"
+
+
+async def _send_genuine(tx, dumps, first=0):
+    for i, dump in enumerate(dumps):
+        await tx.send_dump(dump, GENUINE + (first + i) * STEP)
+
+
+def _check_genuine(got, dumps, rx):
+    assert [g[1] for g in got] == list(range(len(dumps)))
+    assert [g[0] for g in got] == [GENUINE + i * STEP for i in range(len(dumps))]
+    for (_, _, data, present), dump in zip(got, dumps, strict=True):
+        assert present.all()
+        np.testing.assert_array_equal(data, dump)
+    assert rx.timestamp_base == GENUINE
+
+
+@pytest.mark.parametrize(
+    "kind", ["far_future", "far_past", "off_grid", "off_grid_ahead", "channel_layout"])
+async def test_stray_first_heap_does_not_poison_the_base(kind, inproc_spec):
+    rx = CBFReceiver(inproc_spec, PARAMS)
+    tx = await CBFSender.create(inproc_spec, PARAMS)
+    await tx.start()
+    heap, reason = _stray(kind)
+    await _raw_sender(inproc_spec).async_send_heap(heap)
+    dumps = make_dumps(4, seed=7)
+    await _send_genuine(tx, dumps)
+    await tx.stop()
+    got = await collect(rx)
+    _check_genuine(got, dumps, rx)
+    c = rx.counters
+    assert c[reason] == 1
+    assert c["heaps"] == 16 and c["dumps"] == 4 and c["missing"] == 0
+    assert c["empty_dumps"] == 0 and c["unconfirmed"] == 0
+    others = {"bad_size", "missing_items", "bad_channel", "bad_timestamp", "too_old",
+              "too_far", "duplicate", "outvoted"} - {reason}
+    assert {k: c[k] for k in others} == dict.fromkeys(others, 0)
+
+
+async def test_stray_heaps_after_confirmation_keep_their_reasons(inproc_spec):
+    """Once a dump's majority has confirmed the base, strays are judged against it."""
+    rx = CBFReceiver(inproc_spec, PARAMS)
+    tx = await CBFSender.create(inproc_spec, PARAMS)
+    raw = _raw_sender(inproc_spec)
+    dumps = make_dumps(3, seed=8)
+    await tx.start()
+    await _send_genuine(tx, dumps[:1])
+    for kind in ("far_future", "off_grid", "far_past"):
+        await raw.async_send_heap(_stray(kind)[0])
+    await _send_genuine(tx, dumps[1:], first=1)
+    await tx.stop()
+    got = await collect(rx)
+    _check_genuine(got, dumps, rx)
+    c = rx.counters
+    assert (c["too_far"], c["bad_timestamp"], c["too_old"], c["outvoted"]) == (1, 1, 1, 0)
+
+
+async def test_stray_heap_while_the_base_is_provisional(inproc_spec):
+    """A stray heap right after the first genuine one, before a majority has confirmed the
+    base: it is outvoted, at the cost of at most the one genuine heap before it."""
+    rx = CBFReceiver(inproc_spec, PARAMS, byteorder=">")
+    raw = _raw_sender(inproc_spec)
+    dumps = make_dumps(3, seed=9)
+    be = dumps.astype(">i4")
+    await raw.async_send_heap(raw_heap({}, GENUINE, 0, be[0, :CPS]))
+    await raw.async_send_heap(_stray("far_future")[0])
+    for s in range(1, 4):
+        await raw.async_send_heap(raw_heap({}, GENUINE, s * CPS, be[0, s * CPS:(s + 1) * CPS]))
+    for d in (1, 2):
+        for s in range(4):
+            await raw.async_send_heap(
+                raw_heap({}, GENUINE + d * STEP, s * CPS, be[d, s * CPS:(s + 1) * CPS]))
+    await raw.async_send_heap(make_cbf_item_group(CPS, PARAMS.n_bls).get_end())
+    got = await collect(rx)
+    assert [g[1] for g in got] == [0, 1, 2]
+    assert [g[3].tolist() for g in got] == [[False, True, True, True]] + [[True] * 4] * 2
+    for (_, _, data, present), dump in zip(got, dumps, strict=True):
+        mask = np.repeat(present, CPS)
+        np.testing.assert_array_equal(data[mask], dump[mask])
+    assert rx.timestamp_base == GENUINE
+    # the stray heap, and the genuine heap placed under the base it briefly held
+    assert rx.counters["outvoted"] == 2 and rx.counters["missing"] == 1
+
+
+async def test_unconfirmed_base_delivers_nothing(inproc_spec):
+    """A lone heap never confirms a base: its dump is counted, not delivered."""
+    rx = CBFReceiver(inproc_spec, PARAMS, byteorder="<")
+    assert rx.timestamp_base is None
+    raw = _raw_sender(inproc_spec)
+    await raw.async_send_heap(_stray("far_future")[0])
+    await raw.async_send_heap(make_cbf_item_group(CPS, PARAMS.n_bls).get_end())
+    assert await collect(rx) == []
+    assert rx.counters["unconfirmed"] == 1 and rx.counters["dumps"] == 0
+    assert rx.timestamp_base is None
