@@ -25,6 +25,7 @@ never poison a solution.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import numba
@@ -883,6 +884,54 @@ def snr_antenna(
         with np.errstate(invalid="ignore", divide="ignore"):
             snr[..., ant] = np.where(ws > 0, 1.0 / np.sqrt(ps / ws), np.nan)
     return snr
+
+
+# --------------------------------------------------------------------------------------------
+# Flux scale
+
+#: Standard error of a median over that of a mean, for Gaussian samples (√(π/2)).
+MEDIAN_ERROR_FACTOR = 1.2533
+
+
+def measure_flux(g_flux: np.ndarray, g: np.ndarray) -> tuple[float, float]:
+    """Flux density of a gain calibrator from its gains and the flux calibrator's (katsdpcal's
+    ``measure_flux``, the last step of CASA ``fluxscale``).
+
+    The gain calibrator was solved as a 1 Jy point source, so ``|G| = |g|·√S``, while G_FLUX
+    was solved against the flux calibrator's model, ``|G_FLUX| = |g|``. Per (pol, antenna) the
+    ratio ``r = median_t|G| / median_t|G_FLUX|`` estimates √S; S is the square of the median
+    of r over (pol, antenna). Its standard error is ``2·S·1.253·s_r/(r̃·√n)``: the standard
+    error of a median of n samples of relative scatter ``s_r/r̃`` (s_r the standard deviation
+    of r about its median r̃), doubled by the square.
+
+    Parameters
+    ----------
+    g_flux : ndarray, complex, shape (n_t1, n_pols, n_ants)
+        Gains of the flux (bandpass) calibrator, solved against its model.
+    g : ndarray, complex, shape (n_t2, n_pols, n_ants)
+        Gains of the gain calibrator (solved as 1 Jy). NaNs are ignored.
+
+    Returns
+    -------
+    flux, std : float
+        Jy; NaN if no (pol, antenna) has both. `std` is NaN with a single (pol, antenna).
+    """
+    g_flux = np.asarray(g_flux)
+    g = np.asarray(g)
+    if g_flux.ndim != 3 or g.ndim != 3 or g_flux.shape[1:] != g.shape[1:]:
+        raise ValueError(f"g_flux {g_flux.shape} and g {g.shape} must be (time, pol, ant) alike")
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN (pol, ant) slices
+        ratio = np.nanmedian(np.abs(g), axis=0) / np.nanmedian(np.abs(g_flux), axis=0)
+    ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
+    if ratio.size == 0:
+        return math.nan, math.nan
+    med = float(np.median(ratio))
+    flux = med**2
+    if ratio.size < 2:
+        return flux, math.nan
+    sigma = math.sqrt(float(np.mean((ratio - med) ** 2)))
+    return flux, 2.0 * flux * MEDIAN_ERROR_FACTOR * sigma / (med * math.sqrt(ratio.size))
 
 
 # --------------------------------------------------------------------------------------------
