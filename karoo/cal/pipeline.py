@@ -9,9 +9,16 @@ batch to :meth:`CalPipeline.process_batch`, which
 2. flags RFI on calibrator scans with the SumThreshold flagger on the cross hands, ORed into all
    polarisations as ``cal_rfi``;
 3. solves per the target's tags: ``delaycal`` → K, ``polcal`` → KCROSS, ``bpcal`` → B (with K
-   applied, normalised in the G window), ``gaincal`` → G (K and B applied, two intervals per scan);
-4. returns the products to write (key suffix, value, timestamp) and the per-scan summaries of the
-   report.
+   applied, normalised in the G window) and then one G over the scan (K and B applied), kept in
+   memory as G_FLUX when the calibrator has a flux model (never written, as katsdpcal) and
+   written as G otherwise, ``gaincal`` → G (K and B applied, two intervals per scan, the source
+   taken as 1 Jy);
+4. returns the products to write (key suffix, value, timestamp), with the SNR of K, B and G
+   (:func:`karoo.cal.solvers.snr_antenna`), and the per-scan summaries of the report.
+
+At the end of the capture block :meth:`CalPipeline.measure_flux` compares each gain
+calibrator's G with G_FLUX (katsdpcal's ``measure_flux``, after CASA ``fluxscale``): the daemon
+writes the result as ``measured_flux`` / ``measured_flux_std``, which katdal uses to scale G.
 
 Layout inside cal (as katsdpcal): polarisations ``cal_pol_ordering = ['v', 'h']`` and the
 pol-product axis ``[vv, hh, vh, hv]``; baselines are the cross-correlations only, as
@@ -45,6 +52,9 @@ from .solvers import (
     k_solve,
     kcross_solve,
     keep_or_choose_refant,
+    measure_flux,
+    residuals,
+    snr_antenna,
     weighted_average,
 )
 
@@ -562,8 +572,12 @@ class CalPipeline:
         self.B: np.ndarray | None = None  # (n_local_chans, 2, n_ants), NaN-interpolated
         self.G_times: list[float] = []
         self.G_values: list[np.ndarray] = []  # (2, n_ants) each
+        self.G_targets: list[str] = []  # the target each G was solved on
+        #: bpcal gains solved against the flux model: (time, (2, n_ants), target)
+        self.G_FLUX: list[tuple[float, np.ndarray, str]] = []
         self.history: dict[str, list[tuple[float, np.ndarray]]] = {
-            "K": [], "B": [], "G": [], "KCROSS": []}
+            "K": [], "B": [], "G": [], "KCROSS": [], "G_FLUX": [],
+            "SNR_K": [], "SNR_B": [], "SNR_G": []}
         self.notes: list[str] = []
 
     # -- helpers
@@ -660,11 +674,13 @@ class CalPipeline:
                 return sol.delay, sol.snr
             delay, snr = self.shared.solve(owner_k, solve_k)
             self.K = np.asarray(delay, np.float32)
+            snr = np.asarray(snr, np.float32)
             self.history["K"].append((ts, self.K))
+            self.history["SNR_K"].append((ts, snr))
             solved.append("K")
             if owner_k:
                 products.append(("product_K", self.K, ts))
-                products.append(("product_SNR_K", np.asarray(snr, np.float32), ts))
+                products.append(("product_SNR_K", snr, ts))
 
         if "polcal" in tags:
             def solve_kcross():
@@ -684,6 +700,8 @@ class CalPipeline:
             corr, _ = apply_gains(vis[:, :, :2], gains, bls)
             avg, w = self._time_average(corr, weights, flags, model)
             raw_b = b_solve(avg, bls, n_ants, w, ref_ant=refant, max_iters=p.b_max_iters)
+            # SNR of this server's part, from the residuals of the raw (referenced) solution
+            snr_b = snr_antenna(residuals(avg, raw_b, bls)[None], w[None], bls, n_ants)[0]
 
             def norm():
                 win = raw_b[gwin]
@@ -695,32 +713,108 @@ class CalPipeline:
             bandpass = (raw_b * factor[None]).astype(np.complex64)
             self.B = interpolate_bandpass(bandpass)
             self.history["B"].append((ts, bandpass))
+            self.history["SNR_B"].append((ts, snr_b))
             solved.append("B")
             products.append((f"product_B{p.server_index}", bandpass, ts))
+            products.append((f"product_SNR_B{p.server_index}", snr_b, ts))
+            self._bpcal_gain(vis, weights, t_scan, scan.target, model, refant, owner_g,
+                             products, solved)
 
         if "gaincal" in tags and refant is not None:
             n = scan.n_dumps
             per = max(1, math.ceil((n - 1) / 2))
 
-            def solve_g():
-                gains = self._gains(t_scan)[:, gwin]
-                corr, _ = apply_gains(vis[:, gwin, :2], gains, bls)
-                sol = g_solve(corr, bls, n_ants, per, weights[:, gwin, :2], t_scan,
-                              ref_ant=refant, max_iters=p.g_max_iters)
-                return sol.gains, sol.times
-            g, g_times = self.shared.solve(owner_g, solve_g)
-            g = np.asarray(g, np.complex64)
-            for gi, ti in zip(g, np.asarray(g_times, np.float64), strict=True):
-                self.G_times.append(float(ti))
-                self.G_values.append(gi)
-                self.history["G"].append((float(ti), gi))
-                if owner_g:
-                    products.append(("product_G", gi, float(ti)))
+            g, g_times, snr = self.shared.solve(
+                owner_g, lambda: self._solve_g(vis, weights, t_scan, per, refant))
+            self._add_g(g, g_times, snr, scan.target.name, owner_g, products)
             solved.append("G")
 
         if is_cal and refant is None:
             notes.append("not solved: no reference antenna")
+        if "B" in solved and "G_FLUX" not in solved:
+            notes.append("no flux model for the bandpass calibrator: no flux scale")
         after = _flag_fractions(batch.flags[sl])
         chan_frac = np.mean(batch.flags[sl] != 0, axis=(0, 2, 3)) if scan.n_dumps else np.zeros(0)
         return ScanSummary(scan.target.name, tags, float(t_scan[0]), float(t_scan[-1]),
                            scan.n_dumps, before, after, chan_frac, solved, notes)
+
+    # -- gains
+
+    def _solve_g(self, vis, weights, t_scan, per: int, refant: int,
+                 model: np.ndarray | None = None):
+        """G per interval of `per` dumps in the G window with K and B applied, optionally
+        against a flux model (per local channel): (gains, times, snr)."""
+        p = self.params
+        gwin = p.local(p.g_window)
+        gains = self._gains(t_scan)[:, gwin]
+        corr, _ = apply_gains(vis[:, gwin, :2], gains, self.layout.bls)
+        w = weights[:, gwin, :2]
+        if model is not None:
+            m = model[gwin][None, :, None, None]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                corr = (corr / m).astype(np.complex64)
+            w = np.where(np.isfinite(m) & (m > 0), w * np.abs(m) ** 2, 0.0)
+        sol = g_solve(corr, self.layout.bls, self.layout.n_ants, per, w, t_scan,
+                      ref_ant=refant, max_iters=p.g_max_iters)
+        return sol.gains, sol.times, sol.snr
+
+    def _add_g(self, g, g_times, snr, target: str, owner: bool, products: list) -> None:
+        g = np.asarray(g, np.complex64)
+        snr = np.asarray(snr, np.float32)
+        for gi, ti, si in zip(g, np.asarray(g_times, np.float64), snr, strict=True):
+            self.G_times.append(float(ti))
+            self.G_values.append(gi)
+            self.G_targets.append(target)
+            self.history["G"].append((float(ti), gi))
+            self.history["SNR_G"].append((float(ti), si))
+            if owner:
+                products.append(("product_G", gi, float(ti)))
+                products.append(("product_SNR_G", si, float(ti)))
+
+    def _bpcal_gain(self, vis, weights, t_scan, target: CalTarget, model, refant: int,
+                    owner: bool, products: list, solved: list[str]) -> None:
+        """katsdpcal's G after B on a bandpass calibrator: one interval over the scan with K and
+        B applied. Against a flux model it is G_FLUX (kept for :meth:`measure_flux`, not
+        written); without one it is an ordinary G, unless the scan is also a gain calibrator
+        (which solves its own G)."""
+        p = self.params
+
+        def solve():
+            # Only the owner sees the model in the G window: it decides for all servers.
+            usable = model is not None and bool(np.isfinite(model[p.local(p.g_window)]).any())
+            if not usable and "gaincal" in target.tags:
+                return None
+            return (*self._solve_g(vis, weights, t_scan, len(t_scan), refant,
+                                   model if usable else None), usable)
+        result = self.shared.solve(owner, solve)
+        if result is None:
+            return
+        g, g_times, snr, usable = result
+        if usable:
+            g = np.asarray(g, np.complex64)
+            for gi, ti in zip(g, np.asarray(g_times, np.float64), strict=True):
+                self.G_FLUX.append((float(ti), gi, target.name))
+                self.history["G_FLUX"].append((float(ti), gi))
+            solved.append("G_FLUX")
+        else:
+            self._add_g(g, g_times, snr, target.name, owner, products)
+            solved.append("G")
+
+    def measure_flux(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Flux density (Jy) and its standard error of every target with G solutions, from the
+        ratio of its gains to G_FLUX (:func:`karoo.cal.solvers.measure_flux`).
+
+        Returns empty dicts without G_FLUX. Targets whose gains are all NaN are left out.
+        """
+        if not self.G_FLUX or not self.G_values:
+            return {}, {}
+        g_flux = np.array([g for _, g, _ in self.G_FLUX])
+        flux: dict[str, float] = {}
+        std: dict[str, float] = {}
+        values = np.array(self.G_values)
+        targets = np.array(self.G_targets)
+        for name in dict.fromkeys(self.G_targets):
+            f, e = measure_flux(g_flux, values[targets == name])
+            if np.isfinite(f):
+                flux[name], std[name] = float(f), float(e)
+        return flux, std

@@ -39,6 +39,49 @@ class ReportData:
     history: dict[str, list[tuple[float, np.ndarray]]] = field(default_factory=dict)
     obs_params: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    #: target name -> (flux, standard error) in Jy, from :meth:`CalPipeline.measure_flux`
+    measured_flux: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+#: katsdpcal's report threshold: a solution with SNR below this is counted as poor.
+LOW_SNR = 10.0
+#: Products whose SNR the report summarises, and their history keys.
+SNR_PRODUCTS = ("K", "B", "G")
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def snr_summary(history: dict[str, list[tuple[float, np.ndarray]]]
+                ) -> dict[str, list[dict[str, Any]]]:
+    """katsdpcal's "Calibration product SNR summary": per product and solution time, the median
+    and inter-quartile range of the SNR across inputs (antenna and polarisation), and the number
+    of inputs with an SNR below :data:`LOW_SNR` or NaN.
+
+    Returns
+    -------
+    dict
+        ``{product: [{"time", "median", "p25", "p75", "n_low", "n_inputs"}, ...]}`` for the
+        products of :data:`SNR_PRODUCTS` that have SNRs, in time order; non-finite statistics
+        are None (JSON-safe).
+    """
+    out: dict[str, list[dict[str, Any]]] = {}
+    for product in SNR_PRODUCTS:
+        rows = []
+        for t, snr in sorted(history.get(f"SNR_{product}", []), key=lambda e: e[0]):
+            v = np.asarray(snr, np.float64).ravel()
+            ok = v[~np.isnan(v)]
+            if ok.size:
+                p25, med, p75 = np.percentile(ok, [25, 50, 75])
+            else:
+                p25 = med = p75 = np.nan
+            rows.append({"time": float(t), "median": _finite(med), "p25": _finite(p25),
+                         "p75": _finite(p75), "n_low": int(np.sum(~(v >= LOW_SNR))),
+                         "n_inputs": int(v.size)})
+        if rows:
+            out[product] = rows
+    return out
 
 
 def report_dir(report_path: str | os.PathLike, cbid: str, l0_name: str, cal_name: str,
@@ -108,6 +151,23 @@ def _plots(data: ReportData, out: Path) -> list[tuple[str, str]]:
             axes[1, p].set_title(f"G phase (deg), pol {pol}")
             axes[1, p].set_xlabel(f"minutes since {_iso(times[0])}")
         save(fig, "gains.png", "Gains against time")
+
+    summary = snr_summary(data.history)
+    if summary:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        t0 = min(r["time"] for rows in summary.values() for r in rows)
+        for product, rows in summary.items():
+            rel = np.array([(r["time"] - t0) / 60 for r in rows])
+            med, lo, hi = (np.array([np.nan if r[k] is None else r[k] for r in rows])
+                           for k in ("median", "p25", "p75"))
+            ax.errorbar(rel, med, yerr=[med - lo, hi - med], fmt="o-", capsize=3,
+                        label=f"SNR_{product}")
+        ax.axhline(LOW_SNR, color="grey", ls=":", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"minutes since {_iso(t0)}")
+        ax.set_ylabel("SNR (median, IQR across inputs)")
+        ax.legend(fontsize=7)
+        save(fig, "snr.png", "Calibration product SNR against time")
 
     k = data.history.get("K", [])
     if k:
@@ -187,6 +247,25 @@ def write_report(data: ReportData, report_path: str | os.PathLike) -> Path:
         for s in sorted(data.scans, key=lambda s: s.start_time)
     ], ["start", "target", "tags", "dumps", "flagged % before (par / cross)",
         "flagged % after (par / cross)", "solved", "notes"]))
+    summary = snr_summary(data.history)
+    if summary:
+        def fmt(v):
+            return "NaN" if v is None else f"{v:.3g}"
+        parts.append("<h2>Calibration product SNR summary</h2>")
+        parts.append(_table(
+            [[f"SNR_{product}", _iso(r["time"]), fmt(r["median"]),
+              f"{fmt(r['p25'])} to {fmt(r['p75'])}", f"{r['n_low']} of {r['n_inputs']}"]
+             for product, rows in summary.items() for r in rows],
+            ["product", "time", "median", "IQR (25-75%)",
+             f"inputs with SNR < {LOW_SNR:g} or NaN"]))
+    parts.append("<h2>Flux calibration</h2>")
+    if data.measured_flux:
+        parts.append(_table(
+            [[name, f"{f:.4g} ± {e:.2g}"] for name, (f, e) in sorted(data.measured_flux.items())],
+            ["gain calibrator", "measured flux density (Jy)"]))
+    else:
+        parts.append("<p>No flux measured: it needs a bandpass calibrator with a flux model "
+                     "and a gain calibrator in the same capture block.</p>")
     k = data.history.get("K", [])
     if k:
         t, delay = k[-1]
@@ -212,6 +291,9 @@ def write_report(data: ReportData, report_path: str | os.PathLike) -> Path:
         "Run": data.server_id,
         "Solved": solved,
         "Problems": problems,
+        "SNRSummary": summary,
+        "MeasuredFlux": {name: {"flux_jy": _finite(f), "std_jy": _finite(e)}
+                         for name, (f, e) in data.measured_flux.items()},
     }
     (work / "metadata.json").write_text(json.dumps(metadata, indent=2))
     shutil.rmtree(final, ignore_errors=True)

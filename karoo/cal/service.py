@@ -171,6 +171,7 @@ class _Capture:
         self.scans: list[ScanSummary] = []
         self.problems: list[str] = []
         self.dumps = 0
+        self.measured_flux: dict[str, tuple[float, float]] = {}
 
 
 class CalService(Service):
@@ -380,6 +381,7 @@ class CalService(Service):
         await cap.pipe_task
         if cap.flags_sender is not None:
             await cap.flags_sender.stop()
+        await self._write_flux(cap)
         await self._write_report(cap)
         self._capture = None
 
@@ -493,6 +495,26 @@ class CalService(Service):
         self._s_out_heaps.value = cap.flags_sender.heaps_sent
         self._s_out_bytes.value = cap.flags_sender.bytes_sent
 
+    async def _write_flux(self, cap: _Capture) -> None:
+        """Measure the gain calibrators' flux against G_FLUX and write ``measured_flux`` and
+        ``measured_flux_std`` (immutable dicts, Jy). Every server holds the same G and G_FLUX
+        (the G window owner solved them for all), so they agree; the owner writes."""
+        pipeline = cap.pipeline
+        try:
+            flux, std = await asyncio.to_thread(pipeline.measure_flux)
+        except Exception as exc:
+            logger.exception("flux measurement failed")
+            cap.problems.append(f"flux measurement failed: {exc!r}")
+            return
+        cap.measured_flux = {name: (flux[name], std[name]) for name in flux}
+        if not flux or not pipeline.params.owns(pipeline.params.g_window):
+            return
+        cb_cal = self.telstate.view(f"{cap.cbid}_{self.config.cal_name}")
+        await self._set_once(cb_cal, "measured_flux", flux)
+        await self._set_once(cb_cal, "measured_flux_std", std)
+        logger.info("%s: measured flux %s", self.name,
+                    ", ".join(f"{n} {flux[n]:.4g} ± {std[n]:.2g} Jy" for n in flux))
+
     # -- report
 
     async def _write_report(self, cap: _Capture) -> None:
@@ -509,7 +531,7 @@ class CalService(Service):
             server_id=cfg.server_id, antlist=layout.antlist, pols=layout.pols,
             freqs=pipeline.params.local_freqs, int_time=float(self._meta["int_time"]),
             refant=layout.antlist[refant] if refant is not None and refant >= 0 else None,
-            scans=cap.scans, history=pipeline.history,
+            scans=cap.scans, history=pipeline.history, measured_flux=cap.measured_flux,
             obs_params=obs_params if isinstance(obs_params, dict) else {}, problems=problems,
         )
         path = await asyncio.to_thread(write_report, data, cfg.report_path)

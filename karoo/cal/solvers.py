@@ -25,6 +25,7 @@ never poison a solution.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import numba
@@ -714,12 +715,16 @@ class GainSolution(NamedTuple):
         Mean timestamp of each interval (interval index if no timestamps were given).
     iterations : ndarray, int32, shape (n_intervals, n_pols)
     converged : ndarray, bool, shape (n_intervals, n_pols)
+    snr : ndarray, float32, shape (n_intervals, n_pols, n_ants)
+        :func:`snr_antenna` of each interval's channel-averaged residuals (katsdpcal's
+        ``product_SNR_G``).
     """
 
     gains: np.ndarray
     times: np.ndarray
     iterations: np.ndarray
     converged: np.ndarray
+    snr: np.ndarray
 
 
 def g_solve(
@@ -779,7 +784,154 @@ def g_solve(
     dtype = np.complex64 if vis.dtype == np.complex64 else np.complex128
     res = stefcal(np.where(wsum > 0, avg, 0).astype(dtype), bls, n_ants, wsum / scale,
                   ref_ant=ref_ant, max_iters=max_iters, conv_thresh=conv_thresh)
-    return GainSolution(res.gains.astype(np.complex64), times, res.iterations, res.converged)
+    snr = snr_antenna(residuals(avg, res.gains, bls)[:, None], wsum[:, None], bls, n_ants)
+    return GainSolution(res.gains.astype(np.complex64), times, res.iterations, res.converged,
+                        snr)
+
+
+# --------------------------------------------------------------------------------------------
+# Solution SNR
+
+
+def residuals(vis: np.ndarray, gains: np.ndarray, bls: np.ndarray) -> np.ndarray:
+    """``V_ab / (g_a·conj(g_b))``: what a solution leaves of the data (1 for a perfect fit).
+
+    Parameters
+    ----------
+    vis : ndarray, complex, shape (..., n_bl)
+    gains : ndarray, complex, shape (..., n_ants)
+        Broadcastable against `vis` except for the last axis.
+    bls : ndarray, int, shape (n_bl, 2)
+
+    Returns
+    -------
+    ndarray, complex128
+        NaN where a gain is NaN or zero.
+    """
+    g = np.asarray(gains)
+    denom = g[..., bls[:, 0]] * np.conj(g[..., bls[:, 1]])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom != 0, np.asarray(vis) / np.where(denom != 0, denom, 1), np.nan)
+
+
+def snr_antenna(
+    resid: np.ndarray,
+    weights: np.ndarray | None,
+    bls: np.ndarray,
+    n_ants: int,
+    poor_threshold: float = 0.2,
+    poor_fraction: float = 0.8,
+) -> np.ndarray:
+    """Per-antenna SNR of a solution from its residual phases, as katsdpcal defines it.
+
+    ``SNR_a = 1 / RMS(arg r)`` over all samples (leading axes of `resid` but the first) and all
+    baselines of antenna ``a``, weighted by `weights`, with the mean residual phase taken as 0.
+    For a residual ``r = 1 + n`` with complex noise ``E|n|² = sigma²`` this is ``√2/sigma`` at
+    high SNR, i.e. the per-visibility SNR of the data the solution was fitted to (real part over the
+    noise of one component). The fit absorbs part of the noise: with ``N`` antennas solved from
+    all ``N(N-1)/2`` baselines the expected value is ``√2/sigma · √(N/(N-2))``. At low SNR the phase
+    wraps and the estimate saturates near ``√3/π ≈ 0.55``.
+
+    Antennas are first marked *poor* when more than `poor_fraction` of their baselines have a
+    phase RMS above `poor_threshold` rad (katsdpcal's ``poor_antenna_flags``). A poor antenna's
+    baselines are left out of the other antennas' SNR, so one bad antenna cannot drag down the
+    rest, but they are used for its own.
+
+    Parameters
+    ----------
+    resid : ndarray, complex, shape (n_sol, n_samples, n_pols, n_bl)
+        Residuals (:func:`residuals`) of each solution: for B the channels of one time average,
+        for G the (one) channel-averaged sample of each interval.
+    weights : ndarray, optional
+        Broadcastable to `resid`; zero or NaN residuals get no weight.
+    bls : ndarray, int, shape (n_bl, 2)
+    n_ants : int
+    poor_threshold, poor_fraction : float
+
+    Returns
+    -------
+    ndarray, float32, shape (n_sol, n_pols, n_ants)
+        NaN for an antenna without valid residuals (also the reference antenna if it has none).
+    """
+    resid = np.asarray(resid)
+    if resid.ndim != 4:
+        raise ValueError(f"resid must be (n_sol, n_samples, n_pols, n_bl), not {resid.shape}")
+    bls = _check_bls(bls, n_ants)
+    w = valid_weights(resid, weights)
+    phase2 = np.where(w > 0, np.angle(np.where(w > 0, resid, 1)) ** 2, 0.0)
+    # Per baseline: phase RMS over samples, to find poor antennas.
+    wb = w.sum(axis=1)  # (n_sol, n_pols, n_bl)
+    pb = (w * phase2).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rms_bl = np.sqrt(pb / wb)
+    has = wb > 0
+    cross = bls[:, 0] != bls[:, 1]
+    inc = np.zeros((len(bls), n_ants), bool)
+    inc[np.flatnonzero(cross), bls[cross, 0]] = True
+    inc[np.flatnonzero(cross), bls[cross, 1]] = True
+    high = (has & (rms_bl > poor_threshold)).astype(np.float64) @ inc
+    valid = has.astype(np.float64) @ inc
+    poor = high > poor_fraction * np.maximum(valid, 1)  # (n_sol, n_pols, n_ants)
+    poor &= valid > 0
+    # A baseline is left out of antenna a's SNR when its other antenna is poor and a is not.
+    snr = np.full(poor.shape, np.nan, np.float32)
+    for ant in range(n_ants):
+        sel = inc[:, ant]
+        other = np.where(bls[sel, 0] == ant, bls[sel, 1], bls[sel, 0])
+        keep = ~poor[..., other] | poor[..., ant : ant + 1]  # (n_sol, n_pols, n_sel)
+        ws = np.where(keep, wb[..., sel], 0.0).sum(axis=-1)
+        ps = np.where(keep, pb[..., sel], 0.0).sum(axis=-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            snr[..., ant] = np.where(ws > 0, 1.0 / np.sqrt(ps / ws), np.nan)
+    return snr
+
+
+# --------------------------------------------------------------------------------------------
+# Flux scale
+
+#: Standard error of a median over that of a mean, for Gaussian samples (√(π/2)).
+MEDIAN_ERROR_FACTOR = 1.2533
+
+
+def measure_flux(g_flux: np.ndarray, g: np.ndarray) -> tuple[float, float]:
+    """Flux density of a gain calibrator from its gains and the flux calibrator's (katsdpcal's
+    ``measure_flux``, the last step of CASA ``fluxscale``).
+
+    The gain calibrator was solved as a 1 Jy point source, so ``|G| = |g|·√S``, while G_FLUX
+    was solved against the flux calibrator's model, ``|G_FLUX| = |g|``. Per (pol, antenna) the
+    ratio ``r = median_t|G| / median_t|G_FLUX|`` estimates √S; S is the square of the median
+    of r over (pol, antenna). Its standard error is ``2·S·1.253·s_r/(r̃·√n)``: the standard
+    error of a median of n samples of relative scatter ``s_r/r̃`` (s_r the standard deviation
+    of r about its median r̃), doubled by the square.
+
+    Parameters
+    ----------
+    g_flux : ndarray, complex, shape (n_t1, n_pols, n_ants)
+        Gains of the flux (bandpass) calibrator, solved against its model.
+    g : ndarray, complex, shape (n_t2, n_pols, n_ants)
+        Gains of the gain calibrator (solved as 1 Jy). NaNs are ignored.
+
+    Returns
+    -------
+    flux, std : float
+        Jy; NaN if no (pol, antenna) has both. `std` is NaN with a single (pol, antenna).
+    """
+    g_flux = np.asarray(g_flux)
+    g = np.asarray(g)
+    if g_flux.ndim != 3 or g.ndim != 3 or g_flux.shape[1:] != g.shape[1:]:
+        raise ValueError(f"g_flux {g_flux.shape} and g {g.shape} must be (time, pol, ant) alike")
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN (pol, ant) slices
+        ratio = np.nanmedian(np.abs(g), axis=0) / np.nanmedian(np.abs(g_flux), axis=0)
+    ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
+    if ratio.size == 0:
+        return math.nan, math.nan
+    med = float(np.median(ratio))
+    flux = med**2
+    if ratio.size < 2:
+        return flux, math.nan
+    sigma = math.sqrt(float(np.mean((ratio - med) ** 2)))
+    return flux, 2.0 * flux * MEDIAN_ERROR_FACTOR * sigma / (med * math.sqrt(ratio.size))
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,8 +16,12 @@ Corrections per input (katdal's rules, plus KCROSS, which katdal ignores):
   channels are interpolated linearly in magnitude and unwrapped phase, not extrapolated past the
   last valid channel (those stay invalid); data channels take the cal band's interpolation at
   their frequency; correction ``1/B``; piecewise constant in time like K.
-* G: interpolated linearly over dumps in magnitude and unwrapped phase between valid solutions,
-  held flat beyond the ends; correction ``1/G``.
+* G: first flux-scaled as katdal does: each solution made on a target with a known flux density
+  S (``measured_flux`` from cal, updated with the user's ``gaincal_flux``; the target's name or
+  one of its aliases at the dump of the solution) is divided by ``√S`` (cal solved the gain
+  calibrator as a 1 Jy source); ``gaincal_flux=None`` turns this off. Then interpolated linearly
+  over dumps in magnitude and unwrapped phase between valid solutions, held flat beyond the
+  ends; correction ``1/G``.
 
 A visibility of inputs (a, b) is multiplied by ``c_a conj(c_b)``; where that is not finite the
 visibility is left as it is and flagged ``postproc``. Weights are divided by ``|c_a c_b|^2``
@@ -135,8 +139,20 @@ def _hold_by_dump(values: np.ndarray, times: np.ndarray, timestamps: np.ndarray,
     return hold_index(times, timestamps, dump_period)
 
 
+def flux_scale(view, gaincal_flux: dict[str, float] | None = None) -> dict[str, float]:
+    """Flux densities (Jy) to scale G with: cal's ``measured_flux`` updated with `gaincal_flux`
+    (katdal's rule); empty when `gaincal_flux` is None (flux scaling off)."""
+    if gaincal_flux is None:
+        return {}
+    flux = dict(view.get("measured_flux") or {})
+    flux.update(gaincal_flux)
+    return {str(k): float(v) for k, v in flux.items()}
+
+
 def build_cal_tables(view, inputs: list[str], freqs: np.ndarray, timestamps: np.ndarray,
-                     dump_period: float, products: tuple[str, ...], explicit: bool) -> CalTables:
+                     dump_period: float, products: tuple[str, ...], explicit: bool,
+                     dump_targets: list[tuple[str, ...]] | None = None,
+                     gaincal_flux: dict[str, float] | None = None) -> CalTables:
     """Read the cal products from a telstate view and tabulate the corrections per input.
 
     Parameters
@@ -149,6 +165,10 @@ def build_cal_tables(view, inputs: list[str], freqs: np.ndarray, timestamps: np.
         The data's channel frequencies (Hz) and dump centres (UNIX s).
     products, explicit
         From :func:`parse_applycal`; with `explicit` a missing product is an error.
+    dump_targets
+        Per dump, the target's name and aliases (for the flux scale of G); None: no scaling.
+    gaincal_flux
+        Flux densities (Jy) overriding cal's ``measured_flux``; None turns flux scaling off.
     """
     antlist = [str(a) for a in (view.get("antlist") or [])]
     pols = [str(p) for p in (view.get("pol_ordering") or [])]
@@ -211,6 +231,13 @@ def build_cal_tables(view, inputs: list[str], freqs: np.ndarray, timestamps: np.
         if samples:
             values = np.array([per_input(v) for v, _ in samples], np.complex128)
             events = event_dumps(np.array([t for _, t in samples]), timestamps, dump_period)
+            flux = flux_scale(view, gaincal_flux) if dump_targets else {}
+            if flux:
+                for k, dump in enumerate(np.clip(events, 0, n_dumps - 1)):
+                    for name in dump_targets[dump]:
+                        if flux.get(name, 0.0) > 0.0:
+                            values[k] /= np.sqrt(flux[name])
+                            break
             dumps = np.arange(n_dumps)
             gain = np.full((n_dumps, n_in), np.nan, np.complex64)
             for i in range(n_in):

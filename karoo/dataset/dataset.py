@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import dask.array as da
@@ -355,7 +357,8 @@ class DataSet:
     """
 
     def __init__(self, opened: OpenedSource, *, applycal=None, flags="all",
-                 time_offset: float = 0.0) -> None:
+                 time_offset: float = 0.0,
+                 gaincal_flux: Mapping[str, float] | None = MappingProxyType({})) -> None:
         self.name = opened.name
         self.capture_block_id = opened.capture_block_id
         self.stream_name = opened.stream_name
@@ -413,6 +416,8 @@ class DataSet:
         self.sensor = SensorCache(self)
         self._segment_scans()
         self._applycal = cal.parse_applycal(applycal)
+        # katdal's rule: cal's measured fluxes, updated with these; None disables flux scaling
+        self._gaincal_flux = None if gaincal_flux is None else dict(gaincal_flux)
         self._cal_tables: cal.CalTables | None = None
         self._stored: StoredArrays | None = None
         self._flag_mask = _flag_mask(flags)
@@ -918,8 +923,11 @@ class DataSet:
         if self._cal_tables is None:
             view = self._cal_view()
             inputs, _, _ = self._input_indices()
+            names = [_target_names(t) for t in self._target_descriptions]
+            dump_targets = [names[t] if t >= 0 else () for t in self._target_index]
             self._cal_tables = cal.build_cal_tables(view, inputs, self._freqs, self._timestamps,
-                                                    self.dump_period, products, explicit)
+                                                    self.dump_period, products, explicit,
+                                                    dump_targets, self._gaincal_flux)
         return self._cal_tables
 
     def _cal_view(self, stream: str | None = None):
@@ -1226,8 +1234,14 @@ def _unix_time(value) -> float:
     return when.timestamp()
 
 
+def _target_names(description: str) -> tuple[str, ...]:
+    """Name and aliases of a katpoint description (``'name | alias1 | alias2, radec, ...'``)."""
+    return tuple(n.strip() for n in str(description).split(",")[0].split("|") if n.strip())
+
+
 def open(source, chunk_store=None, *, applycal=None, flags="all", time_offset: float = 0.0,
-         **options) -> DataSet:
+         gaincal_flux: Mapping[str, float] | None = MappingProxyType({}), **options
+         ) -> DataSet:
     """Open a capture-block stream for reading, katdal style.
 
     Parameters
@@ -1246,6 +1260,10 @@ def open(source, chunk_store=None, *, applycal=None, flags="all", time_offset: f
         Flag names that count in ``DataSet.flags`` (default all).
     time_offset
         Seconds added to the timestamps.
+    gaincal_flux
+        Flux densities (Jy) of gain calibrators, by target name, overriding the cal pipeline's
+        ``measured_flux``; G solutions on such a target are divided by √flux (katdal's rule).
+        None turns flux scaling off.
     **options
         ``capture_block_id``, ``stream_name``, ``s3_endpoint_url``, ``access_key``,
         ``secret_key``, ``token``, ``retries``, ``timeout``.
@@ -1260,4 +1278,5 @@ def open(source, chunk_store=None, *, applycal=None, flags="all", time_offset: f
         If the source, its keys or its store cannot be found, with the reason.
     """
     opened = open_source(source, chunk_store, **options)
-    return DataSet(opened, applycal=applycal, flags=flags, time_offset=time_offset)
+    return DataSet(opened, applycal=applycal, flags=flags, time_offset=time_offset,
+                   gaincal_flux=gaincal_flux)

@@ -239,8 +239,16 @@ class InstrumentModel:
         delay = np.exp(2j * math.pi * self.freqs[:, None] * self.delays[None, :])
         return self.gains(time)[0] * self.bandpass * delay
 
-    def write_npz(self, path, times: np.ndarray) -> None:
-        """Write the truth (delays, bandpass, gains at `times`) to an ``.npz`` file."""
+    def write_npz(self, path, times: np.ndarray, sky: SkyModel | None = None) -> None:
+        """Write the truth (delays, bandpass, gains at `times`) to an ``.npz`` file.
+
+        With `sky`, also ``source_names`` and ``source_flux`` (n_sources, n_chans), the flux
+        density (Jy) of every sky source at every channel (what a flux calibration measures).
+        """
+        extra = {}
+        if sky is not None:
+            extra = {"source_names": np.array([src.name for src in sky.sources]),
+                     "source_flux": sky.flux(self.freqs).reshape(len(sky.sources), -1)}
         np.savez_compressed(
             path,
             input_labels=np.array(self.input_labels),
@@ -249,6 +257,7 @@ class InstrumentModel:
             bandpass=self.bandpass,
             times=np.asarray(times),
             gains=self.gains(times),
+            **extra,
         )
 
 

@@ -255,8 +255,9 @@ class Simulator:
     # --- truth files -----------------------------------------------------------------
 
     def write_truth(self, path) -> None:
-        """Injected gains (at every dump centre), delays and bandpasses, to an ``.npz``."""
-        self.instrument.write_npz(path, self.dump_times)
+        """Injected gains (at every dump centre), delays, bandpasses and the sources' flux
+        densities per channel, to an ``.npz``."""
+        self.instrument.write_npz(path, self.dump_times, self.sky)
 
     def write_rfi_mask(self, path) -> None:
         """RFI truth mask (time, chan, corrprod) and event table, to an ``.npz``."""

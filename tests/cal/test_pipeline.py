@@ -192,9 +192,18 @@ def test_pipeline_solves_newest_scan_first_and_recovers_the_data():
     result = pipe.process_batch(batch)
     # newest first: the gaincal scan is processed before the bpcal scan
     assert [s.target for s in result.scans] == ["S1", "S0"]
-    assert result.scans[0].solved == ["G"] and result.scans[1].solved == ["K", "B"]
+    # without a flux model, the bpcal's G after B is an ordinary G (katsdpcal)
+    assert result.scans[0].solved == ["G"] and result.scans[1].solved == ["K", "B", "G"]
+    assert any("no flux model" in n for n in result.scans[1].notes)
     keys = [p[0] for p in result.products]
-    assert keys.count("product_G") == 2 and "product_K" in keys and "product_B0" in keys
+    assert keys.count("product_G") == 3 and "product_K" in keys and "product_B0" in keys
+    # an SNR with every K, B part and G, same timestamps, (n_pols, n_ants) float32
+    for name in ("K", "B0", "G"):
+        sols = [(v, t) for k_, v, t in result.products if k_ == f"product_{name}"]
+        snrs = [(v, t) for k_, v, t in result.products if k_ == f"product_SNR_{name}"]
+        assert [t for _, t in sols] == [t for _, t in snrs]
+        assert all(v.shape == (2, 5) and v.dtype == np.float32 for v, _ in snrs)
+    assert pipe.G_FLUX == [] and pipe.measure_flux() == ({}, {})
     assert keys[0] == "refant"
     assert 0 <= pipe.refant < 5
     # G was solved before B existed in this batch, so apply only what the data say: a later

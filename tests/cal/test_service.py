@@ -52,21 +52,22 @@ N_ANTS = 4
 N_CHANS = 64
 
 
-def make_sim(script: list[Scan] | None = None, snr: float = 1e5, seed: int = 3) -> Simulator:
+def make_sim(script: list[Scan] | None = None, snr: float = 1e5, seed: int = 3,
+             gcal: Target = GCAL, n_ants: int = N_ANTS) -> Simulator:
     """A small, drift-free, high-SNR observation: bpcal, gaincal, target, gaincal."""
     if script is None:
         script = [
             Scan("slew", BPCAL.description, 1.0), Scan("track", BPCAL.description, 10.0),
-            Scan("slew", GCAL.description, 1.0), Scan("track", GCAL.description, 5.0),
+            Scan("slew", gcal.description, 1.0), Scan("track", gcal.description, 5.0),
             Scan("slew", FIELD.description, 1.0), Scan("track", FIELD.description, 5.0),
-            Scan("slew", GCAL.description, 1.0), Scan("track", GCAL.description, 5.0),
+            Scan("slew", gcal.description, 1.0), Scan("track", gcal.description, 5.0),
         ]
-    array = Array.meerkat(N_ANTS)
+    array = Array.meerkat(n_ants)
     config = CorrelatorConfig(n_chans=N_CHANS, n_substreams=4, int_time=0.5)
     obs = Observation(tuple(script))
     instrument = InstrumentModel.random(array, config, seed, epoch=obs.start_time,
                                         drift_amplitude=0.0, drift_phase=0.0)
-    sky = SkyModel((PointSource.from_target(BPCAL), PointSource.from_target(GCAL)))
+    sky = SkyModel((PointSource.from_target(BPCAL), PointSource.from_target(gcal)))
     return Simulator(array, config, obs, sky=sky, instrument=instrument,
                      noise=NoiseModel(snr=snr), rfi=None, seed=seed)
 
@@ -258,7 +259,7 @@ async def test_end_to_end_products_and_recovery(memory_telstate, tmp_path):
     report = tmp_path / f"{cbid}_sdp_l0_calreport_cal.1"
     meta = json.loads((report / "metadata.json").read_text())
     assert meta["CaptureBlockId"] == cbid and meta["Run"] == 1
-    assert set(meta["Solved"]) == {"B", "G", "K"}
+    assert set(meta["Solved"]) == {"B", "G", "G_FLUX", "K"}
     html = (report / "calreport1.html").read_text()
     for png in ("bandpass.png", "gains.png", "delays.png", "flags.png"):
         assert (report / png).stat().st_size > 0 and png in html
@@ -285,11 +286,92 @@ async def test_two_servers_split_the_band(redis_url, tmp_path):
         corr, ok = corrected_gaincal(sim, sent, sync_ts, cbid, servers=2)
         err = np.abs(corr[ok] - 1.0)
         assert ok.mean() > 0.9 and np.median(err) < 1e-3
-        for k_ in (1, 2):
-            assert (tmp_path / f"{cbid}_sdp_l0_calreport_cal.{k_}" / "metadata.json").exists()
+        # SNR_B per part; the flux scale (GCAL5 is a flat 5 Jy) written once, by the G window
+        # owner, and the same on both servers (they share G and G_FLUX)
+        for i in range(2):
+            assert sync_ts.get_range(f"{cbid}_cal_product_SNR_B{i}", st=0)[0][0].shape == (
+                2, N_ANTS)
+        flux = sync_ts[f"{cbid}_cal_measured_flux"]
+        assert sync_ts.is_immutable(f"{cbid}_cal_measured_flux")
+        np.testing.assert_allclose(flux["GCAL5"], 5.0, rtol=1e-3)
+        metas = [json.loads((tmp_path / f"{cbid}_sdp_l0_calreport_cal.{k_}" / "metadata.json")
+                            .read_text()) for k_ in (1, 2)]
+        assert metas[0]["MeasuredFlux"] == metas[1]["MeasuredFlux"]
+        assert metas[0]["MeasuredFlux"]["GCAL5"]["flux_jy"] == flux["GCAL5"]
     finally:
         sync_ts.close()
         await aio_ts.close()
+
+
+#: A gain calibrator with a spectral index (about 4 Jy at 1284 MHz, S ∝ f^-0.7).
+GCAL_SPEC = Target.parse("GCAL-SPEC, radec gaincal, 20:30:00.0, -55:00:00.0, (800 2000 2.778 -0.7)")
+
+
+async def test_flux_scale_and_snr_against_the_simulator(memory_telstate, tmp_path):
+    """Noisy data (sim snr=2: a 1934-638-flux source has SNR 2 per visibility, channel and
+    dump): the measured flux of the gain calibrator matches the simulator's truth, and SNR_G /
+    SNR_B match what the injected noise level predicts."""
+    sync_ts, aio_ts = memory_telstate
+    n_ants, snr = 8, 2.0
+    sim = make_sim(snr=snr, gcal=GCAL_SPEC, n_ants=n_ants)
+    cbid = "1717206003"
+    _, sent = await run_cal(sim, sync_ts, aio_ts, tmp_path, cbid=cbid, tag="flux", flags=False)
+    sim.write_truth(tmp_path / "truth.npz")
+    with np.load(tmp_path / "truth.npz") as truth:
+        names = list(truth["source_names"])
+        source_flux = truth["source_flux"]
+    lo, hi = sync_ts["cal_param_g_bchan"], sync_ts["cal_param_g_echan"]
+    # G averages the window's channels: the gain calibrator's mean flux there
+    want = float(np.mean(source_flux[names.index("GCAL-SPEC"), lo:hi]))
+    flux = sync_ts[f"{cbid}_cal_measured_flux"]["GCAL-SPEC"]
+    std = sync_ts[f"{cbid}_cal_measured_flux_std"]["GCAL-SPEC"]
+    assert set(sync_ts[f"{cbid}_cal_measured_flux"]) == {"GCAL-SPEC"}
+    assert 0 < std < 0.05 * want
+    assert abs(flux - want) < 3 * std and abs(flux - want) < 0.05 * want
+    assert not sync_ts.exists(f"{cbid}_cal_product_G_FLUX")  # in memory only, as katsdpcal
+
+    # The noise the sim injects: complex sigma = S_ref/snr per visibility (S_ref the brightest
+    # source at the band centre); with K, B, G divided out a source of flux S has relative
+    # noise S_ref/(snr·S), reduced by √N for N averaged samples. katsdpcal's SNR is √2/sigma_rel,
+    # and the fit absorbs a fraction 2/n of the residual phase variance.
+    s_ref = float(np.max(sim.sky.flux(np.array([sim.config.band.center_freq]))))
+    dof = np.sqrt(n_ants / (n_ants - 2))
+    freqs = sim.config.channel_freqs
+    obs = sim.observation
+    track = [obs.scan_index(sim.sync_time + ts) for _, ts, _ in sent]
+    track = [k for k in track if obs.scans[k].activity == "track"]
+    g_scans = {k: track.count(k) for k in track if "gaincal" in obs.scans[k].target}
+    expected_g = []
+    for n in g_scans.values():
+        per = math.ceil((n - 1) / 2)
+        for n_int in (per, n - per):
+            sigma = s_ref / (snr * want * np.sqrt(n_int * (hi - lo)))
+            expected_g.append(np.sqrt(2) / sigma * dof)
+    snr_g = np.array([v for v, _ in sync_ts.get_range(f"{cbid}_cal_product_SNR_G", st=0)])
+    assert snr_g.shape == (len(expected_g), 2, n_ants) and snr_g.dtype == np.float32
+    ratio_g = np.median(snr_g / np.array(expected_g)[:, None, None])
+    assert abs(ratio_g - 1) < 0.1, ratio_g
+    n_bp = sum(1 for k in track if "bpcal" in obs.scans[k].target)
+    # B: per channel, averaged over the scan, divided by the model; the channels' residual
+    # phases are weighted by |model|² (inverse variance), so the mean of S² sets the noise
+    s_bp = sim.sky.flux(freqs)[0]
+    sigma_b = s_ref / (snr * np.sqrt(n_bp * np.mean(s_bp**2)))
+    snr_b = sync_ts.get_range(f"{cbid}_cal_product_SNR_B0", st=0)[0][0]
+    ratio_b = np.median(snr_b / (np.sqrt(2) / sigma_b * dof))
+    assert abs(ratio_b - 1) < 0.1, ratio_b
+    # the report has the SNR summary and the flux table
+    report = tmp_path / f"{cbid}_sdp_l0_calreport_cal.1"
+    meta = json.loads((report / "metadata.json").read_text())
+    assert meta["MeasuredFlux"]["GCAL-SPEC"] == {"flux_jy": flux, "std_jy": std}
+    summary = meta["SNRSummary"]
+    assert set(summary) == {"K", "B", "G"}
+    assert len(summary["G"]) == len(expected_g)
+    first = summary["G"][0]
+    np.testing.assert_allclose(first["median"], np.nanmedian(snr_g[0]), rtol=1e-5)
+    assert first["n_low"] == int(np.sum(~(snr_g[0] >= 10)))
+    html = (report / "calreport1.html").read_text()
+    assert "Calibration product SNR summary" in html and "Flux calibration" in html
+    assert "GCAL-SPEC" in html and (report / "snr.png").stat().st_size > 0
 
 
 async def test_report_without_solvable_data(memory_telstate, tmp_path):

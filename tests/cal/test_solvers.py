@@ -12,6 +12,8 @@ from karoo.cal.solvers import (
     kcross_solve,
     keep_or_choose_refant,
     normalise_bandpass,
+    residuals,
+    snr_antenna,
     solint_from_nominal,
     stefcal,
     valid_weights,
@@ -257,6 +259,49 @@ def test_g_solve_intervals():
     np.testing.assert_allclose(sol.times, [112.0, 144.0, 168.0])
     assert np.max(np.abs(sol.gains - referenced(g))) < 5e-3
     assert sol.converged.all()
+
+
+@pytest.mark.parametrize("n_ants", [16, 32])
+def test_g_snr_matches_the_injected_noise(n_ants):
+    """SNR_G = 1/RMS residual phase ≈ √2/sigma_avg·√(N/(N-2)) for complex noise sigma_avg on the
+    interval average (the fit absorbs (N-1) of the N(N-1)/2 phase degrees of freedom)."""
+    rng = np.random.default_rng(11)
+    bls = cross_baselines(n_ants)
+    n_dumps, n_chans, sigma = 16, 16, 0.8  # per visibility; sigma_avg = sigma/√(4·16) = 0.1
+    g = random_gains(rng, (1, 2, n_ants))
+    vis = gain_vis(g, bls)[:, None] * np.ones((n_dumps, n_chans, 1, 1))
+    vis = (vis + complex_noise(rng, vis.shape, sigma * np.abs(gain_vis(g, bls)))
+           ).astype(np.complex64)
+    sol = g_solve(vis, bls, n_ants, 4, timestamps=np.arange(n_dumps, dtype=float))
+    assert sol.snr.shape == (4, 2, n_ants) and sol.snr.dtype == np.float32
+    sigma_avg = sigma / np.sqrt(4 * n_chans)
+    want = np.sqrt(2) / sigma_avg * np.sqrt(n_ants / (n_ants - 2))
+    # per antenna the estimate has (N-1) baselines: relative scatter ~ 1/√(2(N-1)), with a
+    # long upper tail (1/RMS of few samples)
+    assert abs(np.median(sol.snr) / want - 1) < 0.05
+    assert np.mean(np.abs(sol.snr / want - 1) < 3 / np.sqrt(2 * (n_ants - 1))) > 0.9
+
+
+def test_snr_antenna_poor_antenna_and_nan():
+    rng = np.random.default_rng(12)
+    n_ants = 8
+    bls = cross_baselines(n_ants)
+    resid = 1 + complex_noise(rng, (1, 200, 1, len(bls)), 0.02)
+    bad = (bls == 3).any(axis=1)
+    resid[..., bad] = np.exp(1j * rng.uniform(-np.pi, np.pi, resid[..., bad].shape))
+    resid[..., (bls == 5).any(axis=1)] = np.nan  # antenna 5 has no data
+    snr = snr_antenna(resid, None, bls, n_ants)
+    good = [a for a in range(n_ants) if a not in (3, 5)]
+    # the poor antenna 3 does not drag the others down, and gets its own low SNR
+    np.testing.assert_allclose(snr[0, 0, good], np.sqrt(2) / 0.02, rtol=0.1)
+    assert snr[0, 0, 3] < 1 and np.isnan(snr[0, 0, 5])
+    # the same antenna 3 not marked poor (threshold above its RMS) drags everyone down
+    loose = snr_antenna(resid, None, bls, n_ants, poor_threshold=10.0)
+    assert np.all(loose[0, 0, good] < 0.5 * snr[0, 0, good])
+    np.testing.assert_allclose(residuals(np.array([2j]), np.array([1j, 2.0]), np.array([[0, 1]])),
+                               [1.0])
+    with pytest.raises(ValueError):
+        snr_antenna(resid[0], None, bls, n_ants)
 
 
 def test_weighted_average_nan_safe():

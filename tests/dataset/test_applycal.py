@@ -162,3 +162,55 @@ def test_export_corrected_data(caldata, tmp_path):
         data = ms.getcol("DATA")
     np.testing.assert_allclose(corrected, 1.0, atol=1e-3)
     assert np.abs(data - 1).max() > 0.1  # DATA stays raw
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_measured_flux_scales_g_as_katdal(caldata, tmp_path):
+    """cal's measured_flux divides the G solutions made on that gain calibrator by √flux, in
+    karoo as in katdal (whose applycal.calibrate_flux does it); gaincal_flux overrides it and
+    None turns it off, in both."""
+    import katdal
+    from dask.sizeof import sizeof
+
+    from karoo.dataset.katdal_adapter import KatdalZarrStore
+
+    # katdal's applycal hands numba functions to dask, whose lazy sizeof registration for numba
+    # imports numba.cuda's DeviceNDArray, which the CUDA simulator (NUMBA_ENABLE_CUDASIM=1, as
+    # the tests run) lacks; dask then sizes them generically.
+    sizeof._lazy.pop("numba", None)
+
+    syn, _ = caldata
+    ts, cb = syn.telstate, syn.capture_block_id
+    flux = 4.0
+    # a copy of the dataset's telstate with the flux added (the module's RDB stays as it is)
+    ts.add(f"{cb}_cal_measured_flux", {"SIM-GCAL": flux}, immutable=True)
+    rdb = str(tmp_path / "flux.rdb")
+    try:
+        ts.dump(rdb)
+    finally:
+        ts.delete(f"{cb}_cal_measured_flux")
+    good = slice(EDGE, N_CHANS - EDGE)
+    products = "K,B,G"
+    got = {}
+    for label, gaincal_flux in (("measured", {}), ("override", {"SIM-GCAL": 9.0}),
+                                ("off", None)):
+        kd = katdal.open(rdb, chunk_store=KatdalZarrStore(syn.store),
+                         applycal=",".join(f"l1.{p}" for p in products.split(",")),
+                         gaincal_flux=gaincal_flux)
+        d = karoo.open(rdb, chunk_store=syn.store, applycal=products, gaincal_flux=gaincal_flux)
+        assert kd.shape == d.shape
+        got[label] = d.vis[:][:, good]
+        np.testing.assert_allclose(got[label], kd.vis[:][:, good], rtol=1e-5, atol=1e-6)
+    # at a dump of the gain calibrator with a G solution of its own, the corrected data are
+    # its flux density (G was solved as if it were 1 Jy); without scaling they are 1
+    d = karoo.open(rdb, chunk_store=syn.store)
+    on_gcal = np.array([d.catalogue[t].name == "SIM-GCAL" for t in d._target_index])
+    solution_dumps = np.array([*range(0, syn.n_dumps, 17), syn.n_dumps - 1])
+    both = [k for k in solution_dumps if on_gcal[k] and k != 34 and on_gcal[max(k - 1, 0)]]
+    assert both, "the script has no G solution on the gain calibrator"
+    k = both[0]
+    # parallel hands only: without KCROSS (katdal has none) the cross hands keep its phase
+    par = [a[-1] == b[-1] for a, b in d.corr_products]
+    np.testing.assert_allclose(got["off"][k][:, par], 1.0, atol=1e-3)
+    np.testing.assert_allclose(got["measured"][k][:, par], flux, rtol=1e-3)
+    np.testing.assert_allclose(got["override"][k][:, par], 9.0, rtol=1e-3)
