@@ -135,7 +135,8 @@ BPCAL = Target.parse(
     "PKS1934-638, radec bpcal delaycal, 19:39:25.03, -63:42:45.6, "
     "(800.0 8400.0 -30.7667 26.4908 -7.0977 0.605334)"
 )
-GAINCAL = Target.parse("SIM-GCAL, radec gaincal, 20:30:00.0, -55:00:00.0, (800 2000 0.6 -0.7)")
+# katpoint flux models take frequency in MHz: this is 4 Jy at 1 GHz with spectral index -0.7.
+GAINCAL = Target.parse("SIM-GCAL, radec gaincal, 20:30:00.0, -55:00:00.0, (800 2000 2.7 -0.7)")
 TARGET = Target.parse("SIM-FIELD, radec target, 20:10:00.0, -60:00:00.0")
 
 
