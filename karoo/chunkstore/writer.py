@@ -23,6 +23,15 @@ the store is slower than the stream: the heap is dropped (``input-dropped-heaps-
 part reads back as ``data_lost``. The receive loop never waits on the store, so nothing is lost
 unaccounted in socket buffers.
 
+With ``--shard-chunks DUMPS,CHANS`` the arrays are Zarr-sharded (one object per DUMPS x CHANS
+chunks). The chunks of a shard are views of one shard buffer (pages are touched, and counted in
+the budget, chunk by chunk as they open); finished chunks are held until all the shard's chunks
+are, then the shard is written in one go (``output-shards-total``), with no read-modify-write.
+When a row of shards is closed with some chunks never opened (heaps lost or dropped), the held
+chunks are written one by one into the shard and the others read as their fill value. Since a
+row of shards must be buffered, ``capture-init`` refuses a budget of fewer than two rows of
+shards, and chunk time extents shrink to fit about four rows of shards.
+
 Store failures are retried with exponential backoff by the store (``output-retries-total``). A
 chunk that still fails is counted (``output-failed-chunks-total``), listed in telstate under
 ``<cbid>_<stream>_failed_chunks`` and leaves ``device-status`` at ``fail``. It reads back as its
