@@ -21,7 +21,10 @@ The ``flags`` fill value is ``data_lost`` (8), so a chunk that never arrived rea
 never as good zeros. Chunks split time and channel only, never baselines, in powers of two
 chosen by :func:`choose_chunks` (at most 20 MB by default, so 10-20 MB unless the whole band is
 smaller). With ``shard_chunks`` the chunks are grouped into Zarr shards (one object per shard),
-for observations that would otherwise create millions of objects.
+for observations that would otherwise create millions of objects. A chunk written into a shard
+with :meth:`StreamStore.write_chunk` is a read-modify-write of the whole shard (serialised per
+shard); :meth:`StreamStore.write_shard` writes all the chunks of a shard in one go, without
+reading, which is what the writer daemon does whenever it holds a whole shard.
 
 The time axis grows as dumps arrive: :meth:`StreamStore.write_chunk` extends the arrays' shape
 before writing beyond the end (to whole rows of chunks or shards, at least doubling the extent, so
@@ -742,14 +745,17 @@ class StreamStore:
             raise KeyError(f"stream {self.prefix!r} has no array {name!r}") from None
 
     def _chunk_slices(self, name: str, chunk_index: tuple[int, ...],
-                      n_dumps: int | None = None) -> tuple[slice, ...]:
-        """Element slices of a chunk; with `n_dumps`, that many dumps (maybe past the end)."""
+                      n_dumps: int | None = None, grid: tuple[int, ...] | None = None
+                      ) -> tuple[slice, ...]:
+        """Element slices of a chunk (or of a block of `grid`, e.g. a shard); with `n_dumps`,
+        that many dumps (maybe past the end)."""
         arr = self._array(name)
+        grid = arr.chunks if grid is None else grid
         chunk_index = tuple(int(i) for i in chunk_index)
         if len(chunk_index) != arr.ndim:
             raise BadChunk(f"{name}: chunk index {chunk_index} should have {arr.ndim} numbers")
         slices = []
-        for axis, (i, step, extent) in enumerate(zip(chunk_index, arr.chunks, arr.shape,
+        for axis, (i, step, extent) in enumerate(zip(chunk_index, grid, arr.shape,
                                                      strict=True)):
             if axis == 0 and n_dumps is not None:
                 if i < 0:
@@ -760,6 +766,22 @@ class StreamStore:
                 raise BadChunk(f"{name}: chunk index {chunk_index} is outside shape {arr.shape}")
             slices.append(slice(i * step, min((i + 1) * step, extent)))
         return tuple(slices)
+
+    def _check_block(self, array: str, index: tuple[int, ...], data: np.ndarray,
+                     grid: tuple[int, ...], what: str) -> tuple[np.ndarray, tuple[slice, ...]]:
+        """Check a chunk or shard for dtype, shape and position; return it and its slices."""
+        arr = self._array(array)
+        data = np.asarray(data)
+        if data.dtype != arr.dtype:
+            raise BadChunk(f"{array}: {what} has dtype {data.dtype}, expected {arr.dtype}")
+        if data.ndim != arr.ndim or data.shape[0] < 1 or data.shape[0] > grid[0]:
+            raise BadChunk(f"{array}: {what} shape {data.shape} does not fit {what}s {grid}")
+        slices = self._chunk_slices(array, index, n_dumps=data.shape[0], grid=grid)
+        expected = tuple(s.stop - s.start for s in slices)
+        if data.shape != expected:
+            raise BadChunk(f"{array}: {what} {tuple(index)} should have shape {expected}, "
+                           f"got {data.shape}")
+        return data, slices
 
     async def _grow(self, n_dumps: int) -> None:
         """Extend the time axis of every array to cover `n_dumps`, at least doubling it.
@@ -808,16 +830,7 @@ class StreamStore:
             If the store still fails after the retries.
         """
         arr = self._array(array)
-        data = np.asarray(data)
-        if data.dtype != arr.dtype:
-            raise BadChunk(f"{array}: chunk has dtype {data.dtype}, expected {arr.dtype}")
-        if data.ndim != arr.ndim or data.shape[0] < 1 or data.shape[0] > arr.chunks[0]:
-            raise BadChunk(f"{array}: chunk shape {data.shape} does not fit chunks {arr.chunks}")
-        slices = self._chunk_slices(array, chunk_index, n_dumps=data.shape[0])
-        expected = tuple(s.stop - s.start for s in slices)
-        if data.shape != expected:
-            raise BadChunk(f"{array}: chunk {tuple(chunk_index)} should have shape {expected}, "
-                           f"got {data.shape}")
+        data, slices = self._check_block(array, chunk_index, data, arr.chunks, "chunk")
         if slices[0].stop > self.arrays[array].shape[0]:
             await self._grow(slices[0].stop)
         arr = self.arrays[array]
@@ -829,9 +842,51 @@ class StreamStore:
             return
         # A chunk inside a shard is a read-modify-write of the shard: one at a time per shard.
         shard = tuple(s.start // n for s, n in zip(slices, arr.shards, strict=True))
-        lock = self._shard_locks.setdefault((array, shard), asyncio.Lock())
-        async with lock:
+        async with self._shard_lock(array, shard):
             await arr.setitem(slices, data)
+
+    def _shard_lock(self, array: str, shard: tuple[int, ...]) -> asyncio.Lock:
+        return self._shard_locks.setdefault((array, tuple(int(i) for i in shard)),
+                                            asyncio.Lock())
+
+    async def write_shard(self, array: str, shard_index: tuple[int, ...],
+                          data: np.ndarray) -> None:
+        """Write every chunk of one shard as one object, growing the time axis if needed.
+
+        Unlike :meth:`write_chunk` on a sharded array, nothing is read back: the shard is
+        encoded whole (chunk by chunk, with the index) and stored with one atomic write, which
+        replaces whatever the shard held. Only the last shard of a capture (fewer dumps than
+        the shard, past the current end of the array) is merged with what is stored.
+
+        Parameters
+        ----------
+        array
+            Array name; the array must be sharded.
+        shard_index
+            Position in the shard grid (shard indices, not chunk indices).
+        data
+            The shard, of the array's dtype and of the shard's shape (shorter in time only for
+            the last dumps of a capture; clipped at the end of the band).
+
+        Raises
+        ------
+        BadChunk
+            For an unsharded array, or a wrong dtype, shape or index.
+        StoreUnavailable
+            If the store still fails after the retries.
+        """
+        arr = self._array(array)
+        if arr.shards is None:
+            raise BadChunk(f"{array}: not sharded; write its chunks with write_chunk")
+        data, slices = self._check_block(array, shard_index, data, arr.shards, "shard")
+        if slices[0].stop > arr.shape[0]:
+            await self._grow(slices[0].stop)
+        arr = self.arrays[array]
+        async with self._shard_lock(array, shard_index):
+            if data.shape == tuple(arr.shards):
+                await self._put_whole_chunk(arr, shard_index, data)
+            else:  # clipped at the band edge (whole, no read) or short in time (merged)
+                await arr.setitem(slices, data)
 
     async def read_chunk(self, array: str, chunk_index: tuple[int, ...]) -> np.ndarray:
         """Read one chunk; a chunk never written comes back as the fill value.
@@ -859,7 +914,8 @@ class StreamStore:
 
     @staticmethod
     async def _put_whole_chunk(arr, chunk_index: tuple[int, ...], data: np.ndarray) -> None:
-        """Encode and store one whole chunk, without Zarr's merge buffer (one copy less)."""
+        """Encode and store one whole stored object (a chunk, or a shard of a sharded array),
+        without Zarr's merge buffer (one copy less)."""
         index = tuple(int(i) for i in chunk_index)
         spec = arr.metadata.get_chunk_spec(index, arr.config, default_buffer_prototype())
         chunk = spec.prototype.nd_buffer.from_numpy_array(np.ascontiguousarray(data))

@@ -23,6 +23,15 @@ the store is slower than the stream: the heap is dropped (``input-dropped-heaps-
 part reads back as ``data_lost``. The receive loop never waits on the store, so nothing is lost
 unaccounted in socket buffers.
 
+With ``--shard-chunks DUMPS,CHANS`` the arrays are Zarr-sharded (one object per DUMPS x CHANS
+chunks). The chunks of a shard are views of one shard buffer (pages are touched, and counted in
+the budget, chunk by chunk as they open); finished chunks are held until all the shard's chunks
+are, then the shard is written in one go (``output-shards-total``), with no read-modify-write.
+When a row of shards is closed with some chunks never opened (heaps lost or dropped), the held
+chunks are written one by one into the shard and the others read as their fill value. Since a
+row of shards must be buffered, ``capture-init`` refuses a budget of fewer than two rows of
+shards, and chunk time extents shrink to fit about four rows of shards.
+
 Store failures are retried with exponential backoff by the store (``output-retries-total``). A
 chunk that still fails is counted (``output-failed-chunks-total``), listed in telstate under
 ``<cbid>_<stream>_failed_chunks`` and leaves ``device-status`` at ``fail``. It reads back as its
@@ -104,6 +113,10 @@ class VisWriterConfig:
         even without their stop heaps.
     l0_interface
         Address of the interface to receive multicast on.
+    shard_chunks
+        ``(dumps, channels)`` counted in chunks: group that many chunks of every array into one
+        Zarr shard (one object), or None for one object per chunk. A list (as the controller's
+        JSON config gives it) or a ``"DUMPS,CHANS"`` string is accepted too.
     """
 
     l0_spead: str = ":7200"
@@ -121,6 +134,10 @@ class VisWriterConfig:
     max_lag_dumps: int = 4
     drain_timeout: float = 1.0
     l0_interface: str = ""
+    shard_chunks: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        self.shard_chunks = parse_shard_chunks(self.shard_chunks)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> VisWriterConfig:
@@ -130,6 +147,38 @@ class VisWriterConfig:
     @property
     def arrays(self) -> tuple[str, ...]:
         return FLAG_ARRAYS if self.flags_only else VIS_ARRAYS
+
+
+def parse_shard_chunks(value) -> tuple[int, int] | None:
+    """``(dumps, channels)`` chunks per shard from ``"2,4"``, ``[2, 4]`` or ``(2, 4)``.
+
+    None or an empty string means unsharded.
+
+    Raises
+    ------
+    ValueError
+        Unless `value` is two positive whole numbers.
+    """
+    if value is None or value == "":
+        return None
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        parts = list(parts)
+        numbers = tuple(int(p) for p in parts)
+        exact = all(float(p) == n for p, n in zip(parts, numbers, strict=True))
+    except (TypeError, ValueError):
+        numbers, exact = (), False
+    if len(numbers) != 2 or not exact or min(numbers) < 1:
+        raise ValueError(f"shard_chunks should be two positive whole numbers DUMPS,CHANS "
+                         f"(chunks per shard in time and in channel), not {value!r}")
+    return numbers
+
+
+def _shard_chunks_arg(text: str) -> tuple[int, int] | None:
+    try:
+        return parse_shard_chunks(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def public_url(url: str) -> str:
@@ -143,13 +192,18 @@ class _Chunk:
     __slots__ = ("array", "data", "expected", "f0", "filled", "index", "t0")
 
     def __init__(self, array: str, index: tuple[int, int], t0: int, f0: int,
-                 shape: tuple[int, ...], spec) -> None:
+                 shape: tuple[int, ...], spec, data: np.ndarray | None = None) -> None:
         self.array = array
         self.index = index
         self.t0 = t0
         self.f0 = f0
-        # np.zeros maps fresh pages lazily; only flags need an explicit fill.
-        if spec.fill_value == 0:
+        # np.zeros maps fresh pages lazily; only flags need an explicit fill. `data` is this
+        # chunk's part of its shard's buffer (zeros, or not yet initialised).
+        if data is not None:
+            if spec.fill_value != 0:
+                data.fill(spec.fill_value)
+            self.data = data
+        elif spec.fill_value == 0:
             self.data = np.zeros(shape, spec.dtype)
         else:
             self.data = np.full(shape, spec.fill_value, spec.dtype)
@@ -173,9 +227,20 @@ class _Capture:
         self.n_bls = n_bls
         self.chans_per_heap = n_chans_per_substream
         self.grid = {name: stream.arrays[name].chunks[:2] for name in arrays}
+        # Chunks per shard (time, channel) of the sharded arrays. Their chunks are buffered in
+        # one array per shard and held until the shard can be written whole (or its row of
+        # shards is closed): one write per shard instead of a read-modify-write per chunk.
+        self.shard_grid = {
+            name: tuple(s // c for s, c in zip(stream.arrays[name].shards[:2], grid,
+                                               strict=True))
+            for name, grid in self.grid.items() if stream.arrays[name].shards is not None}
+        self.shard_buffers: dict[tuple[str, tuple[int, int]], np.ndarray] = {}
+        self.held: dict[tuple[str, tuple[int, int]], dict[tuple[int, int], _Chunk]] = {}
+        self.held_done: dict[tuple[str, tuple[int, int]], asyncio.Future] = {}
         self.open: dict[str, dict[tuple[int, int], _Chunk]] = {name: {} for name in arrays}
         self.closed_rows = dict.fromkeys(arrays, 0)  # rows below are handed to the store
-        self.writes: dict[tuple[str, tuple[int, int]], asyncio.Task] = {}
+        # Write of each chunk handed over (a future while it is held for its shard).
+        self.writes: dict[tuple[str, tuple[int, int]], asyncio.Future] = {}
         self.all_writes: list[asyncio.Task] = []
         self.failed: list[tuple[str, int, int, int, int]] = []  # array, t0, t1, f0, f1
         self.seen: dict[int, set[int]] = {}  # dump -> first channels of accepted heaps
@@ -248,6 +313,7 @@ class VisWriterService(Service):
         self.s_dropped_dumps = c("dropped-dumps-total",
                                  "dumps with heaps dropped because the store was too slow")
         self.s_chunks = c("output-chunks-total", "chunks written")
+        self.s_shards = c("output-shards-total", "whole shards written in one go (sharded)")
         self.s_out_bytes = c("output-bytes-total", "bytes of chunks written", "B")
         self.s_out_seconds = c("output-seconds-total", "time spent writing chunks", "s", float)
         self.s_retries = c("output-retries-total", "store requests retried")
@@ -308,6 +374,7 @@ class VisWriterService(Service):
             stream = await self.store.create_stream(
                 capture_block_id, cfg.l0_name, n_chans, n_bls,
                 max_chunk_bytes=cfg.obj_size_mb * 1e6, max_dumps=max_dumps, arrays=cfg.arrays,
+                shard_chunks=cfg.shard_chunks,
             )
         except FileExistsError as exc:
             raise FailReply(f"capture block {capture_block_id} stream {cfg.l0_name} is already "
@@ -332,14 +399,19 @@ class VisWriterService(Service):
         capture.rx_task = asyncio.create_task(self._receive(capture), name="receive")
 
     def _max_dumps(self, n_chans: int, n_bls: int) -> int:
-        """Time extent limit of chunks, so that about four rows of chunks fit the budget."""
+        """Time extent limit of chunks, so that about four rows of chunks (of shards, when
+        sharded: chunks are held until their shard is whole) fit the budget."""
         dump_bytes = sum(n_chans * (n_bls if ARRAYS[a].ndim == 3 else 1)
                          * ARRAYS[a].dtype.itemsize for a in self.config.arrays)
         buffer_dumps = self._budget // dump_bytes
-        if buffer_dumps < 3:
+        shard_rows = self.config.shard_chunks[0] if self.config.shard_chunks else 1
+        # One row of shards being filled while the one before is written, and a dump more.
+        needed = 2 * shard_rows + 1
+        if buffer_dumps < needed:
+            what = f" (shards of {shard_rows} dumps)" if self.config.shard_chunks else ""
             raise FailReply(f"--buffer-mb {self.config.buffer_mb} holds {buffer_dumps} dumps of "
-                            f"{dump_bytes / 1e6:.1f} MB; at least 3 are needed")
-        limit = max(1, buffer_dumps // 4)
+                            f"{dump_bytes / 1e6:.1f} MB; at least {needed} are needed{what}")
+        limit = max(1, buffer_dumps // (4 * shard_rows))
         return max(1, min(self.config.obj_max_dumps, 1 << int(math.log2(limit))))
 
     async def _record_endpoint(self) -> None:
@@ -511,9 +583,7 @@ class VisWriterService(Service):
         if need and self._queued + need > self._budget:
             return False
         for name, index, shape in new:
-            t_c, f_c = capture.grid[name]
-            capture.open[name][index] = _Chunk(name, index, index[0] * t_c, index[1] * f_c,
-                                               shape, ARRAYS[name])
+            capture.open[name][index] = self._new_chunk(capture, name, index, shape)
         self._set_queued(need)
         # Data arrays first: a complete flags chunk waits on the data chunks it covers.
         for name in sorted(capture.arrays, key=lambda a: a == "flags"):
@@ -524,6 +594,28 @@ class VisWriterService(Service):
                 if chunk.filled == chunk.expected:
                     self._submit(capture, capture.open[name].pop(index))
         return True
+
+    @staticmethod
+    def _new_chunk(capture: _Capture, name: str, index: tuple[int, int],
+                   shape: tuple[int, ...]) -> _Chunk:
+        """A chunk buffer: its own array, or (sharded) its part of its shard's buffer."""
+        t_c, f_c = capture.grid[name]
+        t0, f0 = index[0] * t_c, index[1] * f_c
+        spec = ARRAYS[name]
+        ratio = capture.shard_grid.get(name)
+        if ratio is None:
+            return _Chunk(name, index, t0, f0, shape, spec)
+        shard = _shard_of(index, ratio)
+        st0, sf0 = shard[0] * t_c * ratio[0], shard[1] * f_c * ratio[1]
+        buffer = capture.shard_buffers.get((name, shard))
+        if buffer is None:
+            # Pages are mapped as chunks are touched, so only opened chunks take memory.
+            chans = min(f_c * ratio[1], capture.n_chans - sf0)
+            alloc = np.zeros if spec.fill_value == 0 else np.empty
+            buffer = alloc((t_c * ratio[0], chans, capture.n_bls)[: spec.ndim], spec.dtype)
+            capture.shard_buffers[(name, shard)] = buffer
+        view = buffer[t0 - st0:t0 - st0 + shape[0], f0 - sf0:f0 - sf0 + shape[1]]
+        return _Chunk(name, index, t0, f0, shape, spec, view)
 
     @staticmethod
     def _chunk_shape(capture: _Capture, name: str, index: tuple[int, int]) -> tuple[int, ...]:
@@ -541,75 +633,147 @@ class VisWriterService(Service):
             capture.closed_rows[name] = rows
             for index in sorted(i for i in capture.open[name] if i[0] < rows):
                 self._submit(capture, capture.open[name].pop(index))
+            if name in capture.shard_grid:
+                s_t = capture.shard_grid[name][0]
+                for key in sorted(k for k in capture.held
+                                  if k[0] == name and (k[1][0] + 1) * s_t <= rows):
+                    self._flush_shard(capture, key)
         for dump in [d for d in capture.seen if d < below_dump]:
             del capture.seen[dump]
 
     # -- writing
 
     def _submit(self, capture: _Capture, chunk: _Chunk, n_dumps: int | None = None) -> None:
-        deps = []
-        if chunk.array == "flags":
-            deps = list(self._covered_writes(capture, chunk))
-        task = asyncio.create_task(self._write(capture, chunk, deps, n_dumps))
-        key = (chunk.array, chunk.index)
-        capture.writes[key] = task
-        capture.all_writes.append(task)
-        task.add_done_callback(lambda _: capture.writes.pop(key, None))
+        """Hand a finished chunk to the store, or (sharded) hold it until its shard is whole."""
+        ratio = capture.shard_grid.get(chunk.array)
+        if ratio is None:
+            self._start_write(capture, chunk.array, [chunk], n_dumps)
+            return
+        key = (chunk.array, _shard_of(chunk.index, ratio))
+        held = capture.held.setdefault(key, {})
+        held[chunk.index] = chunk
+        done = capture.held_done.get(key)
+        if done is None:
+            done = capture.held_done[key] = asyncio.get_running_loop().create_future()
+        # A flags write covering a held chunk waits for its shard's write, as for any chunk.
+        capture.writes[(chunk.array, chunk.index)] = done
+        if len(held) == self._shard_size(capture, *key, n_dumps):
+            self._flush_shard(capture, key, n_dumps)
 
-    def _covered_writes(self, capture: _Capture, chunk: _Chunk) -> Iterable[asyncio.Task]:
-        t1, f1 = chunk.t0 + chunk.data.shape[0], chunk.f0 + chunk.data.shape[1]
+    @staticmethod
+    def _shard_size(capture: _Capture, name: str, shard: tuple[int, int],
+                    n_dumps: int | None = None) -> int:
+        """Number of chunks in a shard (clipped at the band edge and, given, at `n_dumps`)."""
+        (t_c, f_c), (s_t, s_f) = capture.grid[name], capture.shard_grid[name]
+        cols = min(s_f, -(-capture.n_chans // f_c) - shard[1] * s_f)
+        rows = s_t if n_dumps is None else max(0, min(s_t, -(-n_dumps // t_c) - shard[0] * s_t))
+        return rows * cols
+
+    def _flush_shard(self, capture: _Capture, key: tuple[str, tuple[int, int]],
+                     n_dumps: int | None = None) -> None:
+        """Write the held chunks of a shard: in one go if they are all of it, else one by one
+        (chunks never opened stay absent and read as their fill value)."""
+        chunks = capture.held.pop(key)
+        done = capture.held_done.pop(key)
+        buffer = capture.shard_buffers.pop(key)
+        whole = len(chunks) == self._shard_size(capture, *key, n_dumps)
+        task = self._start_write(capture, key[0], [chunks[i] for i in sorted(chunks)], n_dumps,
+                                 shard=key[1] if whole else None, buffer=buffer)
+        task.add_done_callback(lambda _: done.set_result(None))
+
+    def _start_write(self, capture: _Capture, name: str, chunks: list[_Chunk],
+                     n_dumps: int | None, shard: tuple[int, int] | None = None,
+                     buffer: np.ndarray | None = None) -> asyncio.Task:
+        deps = []
+        if name == "flags":
+            deps = list(self._covered_writes(
+                capture, min(c.t0 for c in chunks), max(c.t0 + c.data.shape[0] for c in chunks),
+                min(c.f0 for c in chunks), max(c.f0 + c.data.shape[1] for c in chunks)))
+        task = asyncio.create_task(self._write(capture, name, chunks, deps, n_dumps, shard,
+                                               buffer))
+        capture.all_writes.append(task)
+        for chunk in chunks:
+            key = (name, chunk.index)
+            capture.writes[key] = task
+            task.add_done_callback(
+                lambda _, key=key: capture.writes.pop(key) if capture.writes.get(key) is task
+                else None)
+        return task
+
+    @staticmethod
+    def _covered_writes(capture: _Capture, t0: int, t1: int, f0: int, f1: int
+                        ) -> Iterable[asyncio.Future]:
+        """Writes (or held chunks) of the data arrays that overlap dumps t0:t1, channels f0:f1."""
         for name in _DATA_ARRAYS:
             if name not in capture.grid:
                 continue
             t_c, f_c = capture.grid[name]
-            for row in range(chunk.t0 // t_c, -(-t1 // t_c)):
-                for j in range(chunk.f0 // f_c, -(-f1 // f_c)):
+            for row in range(t0 // t_c, -(-t1 // t_c)):
+                for j in range(f0 // f_c, -(-f1 // f_c)):
                     task = capture.writes.get((name, (row, j)))
                     if task is not None:
                         yield task
 
-    async def _write(self, capture: _Capture, chunk: _Chunk, deps: list[asyncio.Task],
-                     n_dumps: int | None) -> None:
+    async def _write(self, capture: _Capture, name: str, chunks: list[_Chunk],
+                     deps: list[asyncio.Future], n_dumps: int | None,
+                     shard: tuple[int, int] | None, buffer: np.ndarray | None) -> None:
+        """Write chunks (one by one), or a whole shard (`shard`, from `buffer`, in one go)."""
         try:
             if deps:
                 await asyncio.gather(*deps, return_exceptions=True)
-            data = chunk.data
-            if n_dumps is not None:
-                data = data[: max(1, n_dumps - chunk.t0)]
-            if chunk.array == "flags":
-                self._mark_failed(capture, chunk, data)
+            if shard is not None:
+                (t_c, f_c), (s_t, s_f) = capture.grid[name], capture.shard_grid[name]
+                pieces = [(shard, shard[0] * t_c * s_t, shard[1] * f_c * s_f, buffer, chunks)]
+            else:
+                pieces = [(c.index, c.t0, c.f0, c.data, [c]) for c in chunks]
+            for index, t0, f0, data, covered in pieces:
+                if n_dumps is not None:
+                    data = data[: max(1, n_dumps - t0)]
+                await self._write_piece(capture, name, index, t0, f0, data, covered,
+                                        shard is not None)
+        finally:
+            self._set_queued(-sum(c.nbytes for c in chunks))
+
+    async def _write_piece(self, capture: _Capture, name: str, index: tuple[int, int], t0: int,
+                           f0: int, data: np.ndarray, covered: list[_Chunk], shard: bool) -> None:
+        """One store write: a chunk, or (`shard`) the shard at `index` holding `covered`."""
+        try:
+            if name == "flags":
+                self._mark_failed(capture, t0, f0, data)
+            index = index + (0,) * (ARRAYS[name].ndim - 2)
+            write = capture.stream.write_shard if shard else capture.stream.write_chunk
             async with self._sem:
                 self.s_active.value += 1
                 start = time.perf_counter()
                 try:
-                    await capture.stream.write_chunk(chunk.array, chunk.index + (0,) * (
-                        ARRAYS[chunk.array].ndim - 2), data)
+                    await write(name, index, data)
                 finally:
                     self.s_active.value -= 1
                     self._bump(self.s_out_seconds, time.perf_counter() - start)
-            self._bump(self.s_chunks)
+            self._bump(self.s_chunks, len(covered))
             self._bump(self.s_out_bytes, data.nbytes)
+            if shard:
+                self._bump(self.s_shards)
         except (ChunkStoreError, OSError, TimeoutError) as exc:
-            t1, f1 = chunk.t0 + chunk.data.shape[0], chunk.f0 + chunk.data.shape[1]
-            capture.failed.append((chunk.array, chunk.t0, t1, chunk.f0, f1))
-            self._bump(self.s_failed)
-            logger.error("failed to write chunk %s %s of %s: %s", chunk.array, chunk.index,
-                         capture.stream.prefix, exc)
+            for c in covered:
+                capture.failed.append((name, c.t0, c.t0 + c.data.shape[0], c.f0,
+                                       c.f0 + c.data.shape[1]))
+            self._bump(self.s_failed, len(covered))
+            logger.error("failed to write %s %s %s of %s: %s", name, "shard" if shard else
+                         "chunk", index, capture.stream.prefix, exc)
             self.set_device_status(DeviceStatus.FAIL,
                                    f"{self.s_failed.value} chunks could not be written")
-        finally:
-            self._set_queued(-chunk.nbytes)
 
     @staticmethod
-    def _mark_failed(capture: _Capture, chunk: _Chunk, data: np.ndarray) -> None:
-        """Set data_lost in a flags chunk wherever a data chunk it covers failed."""
-        t1, f1 = chunk.t0 + data.shape[0], chunk.f0 + data.shape[1]
+    def _mark_failed(capture: _Capture, t0: int, f0: int, data: np.ndarray) -> None:
+        """Set data_lost in flags (`data`, from dump t0 and channel f0) wherever a data chunk
+        they cover failed."""
+        t1, f1 = t0 + data.shape[0], f0 + data.shape[1]
         for _, a0, a1, b0, b1 in capture.failed:
-            lo_t, hi_t = max(a0, chunk.t0), min(a1, t1)
-            lo_f, hi_f = max(b0, chunk.f0), min(b1, f1)
+            lo_t, hi_t = max(a0, t0), min(a1, t1)
+            lo_f, hi_f = max(b0, f0), min(b1, f1)
             if lo_t < hi_t and lo_f < hi_f:
-                data[lo_t - chunk.t0:hi_t - chunk.t0, lo_f - chunk.f0:hi_f - chunk.f0] |= \
-                    DATA_LOST
+                data[lo_t - t0:hi_t - t0, lo_f - f0:hi_f - f0] |= DATA_LOST
 
     async def capture_done(self, capture_block_id: str) -> None:
         capture = self._capture
@@ -638,6 +802,8 @@ class VisWriterService(Service):
         for name in sorted(capture.arrays, key=lambda a: a == "flags"):
             for index in sorted(capture.open[name]):
                 self._submit(capture, capture.open[name].pop(index), n_dumps)
+            for key in sorted(k for k in capture.held if k[0] == name):
+                self._flush_shard(capture, key, n_dumps)
         await asyncio.gather(*capture.all_writes)
         if capture.chans_per_heap:
             expected = n_dumps * (capture.n_chans // capture.chans_per_heap)
@@ -665,6 +831,10 @@ class VisWriterService(Service):
         except (ChunkStoreError, OSError) as exc:
             logger.error("could not mark %s complete: %s", stream.prefix, exc)
             self.set_device_status(DeviceStatus.FAIL, f"completion marker not written: {exc}")
+
+
+def _shard_of(index: tuple[int, int], ratio: tuple[int, int]) -> tuple[int, int]:
+    return index[0] // ratio[0], index[1] // ratio[1]
 
 
 def _warn_if_positive(value) -> Sensor.Status:
@@ -703,6 +873,11 @@ def _add_writer_parser(subparsers, command: str, flags_only: bool):
                         help="memory budget of the chunk buffers, MB [%(default)s]")
     parser.add_argument("--workers", type=int, default=defaults.workers,
                         help="chunk writes in flight [%(default)s]")
+    parser.add_argument("--shard-chunks", type=_shard_chunks_arg, default=None,
+                        metavar="DUMPS,CHANS",
+                        help="group DUMPS x CHANS chunks into one Zarr shard (object), for "
+                        "captures that would make millions of objects; readable by karoo.open "
+                        "and karoo's katdal adapter only [unsharded]")
     parser.add_argument("--retries", type=int, default=defaults.retries,
                         help="retries of a failed store request [%(default)s]")
     parser.add_argument("--max-lag-dumps", type=int,

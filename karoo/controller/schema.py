@@ -158,6 +158,9 @@ PRODUCT_CONFIG_SCHEMA: dict[str, Any] = {
                         "obj_max_dumps": {"type": "integer", "minimum": 1},
                         "buffer_mb": _POSITIVE,
                         "workers": {"type": "integer", "minimum": 1},
+                        # Chunks per Zarr shard (dumps, channels); absent: one object per chunk.
+                        "shard_chunks": {"type": "array", "minItems": 2, "maxItems": 2,
+                                         "items": {"type": "integer", "minimum": 1}},
                     },
                 },
                 "service_overrides": {

@@ -133,6 +133,39 @@ async def test_sharded_stream(make_store, cbid):
         np.testing.assert_array_equal(group[name][:], expected)
 
 
+async def test_write_whole_shards(make_store, cbid):
+    """write_shard stores every chunk of a shard as one object; the last, short shard row and
+    the band-edge shards too; what reads back is what was written, chunk by chunk."""
+    store = make_store()
+    data = make_data(3)
+    async with await store.create_stream(cbid, "sdp_l0", N_CHANS, N_BLS, chunks=CHUNKS,
+                                         shard_chunks=(2, 2)) as stream:
+        for name, arr in stream.arrays.items():
+            t_s, f_s = arr.shards[:2]
+            for i, j in itertools.product(range(-(-N_DUMPS // t_s)), range(-(-N_CHANS // f_s))):
+                index = (i, j, 0)[: arr.ndim]
+                await stream.write_shard(name, index, data[name][i * t_s:(i + 1) * t_s,
+                                                                 j * f_s:(j + 1) * f_s])
+        vis = stream.arrays["correlator_data"]
+        with pytest.raises(BadChunk, match="shape"):
+            await stream.write_shard("correlator_data", (0, 0, 0), data["correlator_data"][:4])
+        with pytest.raises(BadChunk, match="outside"):
+            await stream.write_shard("flags", (0, 1, 0), data["flags"][:, :64])
+        keys = [key async for key in stream.zarr_store.list_prefix("correlator_data/c")]
+        assert len(keys) == (-(-N_DUMPS // vis.shards[0])) * (N_CHANS // vis.shards[1]) == 4
+        assert await stream.has_chunk("correlator_data", (3, 3, 0))
+        np.testing.assert_array_equal(await stream.read_chunk("correlator_data", (1, 2, 0)),
+                                      data["correlator_data"][2:4, 32:48])
+        await stream.finish(N_DUMPS)
+    group = make_store(read_only=True).open_zarr_group(cbid, "sdp_l0")
+    for name, expected in data.items():
+        np.testing.assert_array_equal(group[name][:], expected, err_msg=name)
+    async with await store.create_stream(cbid + "u", "sdp_l0", N_CHANS, N_BLS,
+                                         chunks=CHUNKS) as stream:
+        with pytest.raises(BadChunk, match="not sharded"):
+            await stream.write_shard("flags", (0, 0, 0), data["flags"][:4, :32])
+
+
 def test_choose_chunks():
     # The worked examples of katsdpdatawriter (20 MB objects, 1024-channel substreams).
     assert choose_chunks(4096, 8320, np.complex64, max_dumps=2, max_chans=1024) == (1, 256)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from karoo.chunkstore.writer import VisWriterConfig
 from karoo.controller.graph import EndpointAllocator, build_graph
 from karoo.controller.schema import (
     PRODUCT_CONFIG_SCHEMA,
@@ -110,6 +111,20 @@ def test_graph_layout():
     # Every value goes to telstate: it must be JSON-like (msgpack) data.
     json.dumps(keys)
     json.dumps(graph.telstate)
+
+
+def test_writer_shard_chunks():
+    """config.writer.shard_chunks reaches both writers, as the list they accept."""
+    for bad in ([2], [2, 0], [2, 2, 2], "2,2", [1.5, 2]):
+        with pytest.raises(ConfigError, match="config/writer/shard_chunks"):
+            validate_config(simulated_config(writer={"shard_chunks": bad}))
+    config = simulated_config(writer={"shard_chunks": [2, 4]})
+    validate_config(config)
+    graph = build_graph("array_1", config, store="/data")
+    for task in ("vis_writer.sdp_l0", "flag_writer.sdp_l0_cal_flags"):
+        shards = graph.task(task).config["shard_chunks"]
+        assert shards == [2, 4]
+        assert VisWriterConfig(shard_chunks=shards).shard_chunks == (2, 4)
 
 
 def test_ingest_paced_like_the_simulated_correlator():
