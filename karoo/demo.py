@@ -230,6 +230,8 @@ def calibration_summary(ds, capture: Capture) -> None:
         return
     with np.load(truth_file) as truth:
         delays = dict(zip(truth["input_labels"], truth["delays"], strict=True))
+        sources = list(truth["source_names"]) if "source_names" in truth else []
+        source_flux = truth["source_flux"] if sources else None
     antlist = list(ts.get("cal_antlist"))
     pols = list(ts.get("cal_pol_ordering"))
     solved = np.asarray(k[-1][0])
@@ -240,4 +242,13 @@ def calibration_summary(ds, capture: Capture) -> None:
         err = np.abs(errors)
         print(f"delays vs injected truth: rms error {1e12 * np.sqrt(np.mean(err ** 2)):.1f} ps, "
               f"max {1e12 * err.max():.1f} ps over {len(err)} inputs")
+    measured = ts.get(f"{cbid}_cal_measured_flux") or {}
+    std = ts.get(f"{cbid}_cal_measured_flux_std") or {}
+    # G averages the G window's channels: compare with the true mean flux there
+    lo, hi = ts.get("cal_param_g_bchan", 0), ts.get("cal_param_g_echan", None)
+    for name, flux in measured.items():
+        line = f"measured flux of {name}: {flux:.3f} +- {std.get(name, np.nan):.3f} Jy"
+        if name in sources:
+            line += f" (injected {np.mean(source_flux[sources.index(name), lo:hi]):.3f} Jy)"
+        print(line)
 

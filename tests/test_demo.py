@@ -14,6 +14,7 @@ def test_demo_short_observation(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path), "--antennas", "4", "--channels", "256"]) == 0
     out = capsys.readouterr().out
     assert "delays vs injected truth" in out
+    assert "measured flux of SIM-GCAL" in out and "(injected " in out
 
     (rdb,) = glob.glob(str(tmp_path / "store" / "*" / "*_sdp_l0.full.rdb"))
     assert glob.glob(str(tmp_path / "store" / "*" / "*_sdp_l0.rdb"))  # the light one too
