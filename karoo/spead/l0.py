@@ -164,6 +164,11 @@ class L0Sender:
             heap_first = first + i * self.chans_per_heap
             stream.set_cnt_sequence(heap_first if heap_first else n_chans, n_chans)
             self._groups.append(make_l0_item_group(self.chans_per_heap, n_bls, items=items))
+        # What send_dump / send_flags must be given, and what each heap carries.
+        specs = _item_specs(stop - first, n_bls)
+        self._arrays = {name: specs[name][2] for name in items
+                        if name not in ("timestamp", "dump_index", "frequency")}
+        self._heap_bytes = _heap_bytes(self.chans_per_heap, n_bls, items)
         self.heaps_sent = 0
         self.bytes_sent = 0
 
@@ -238,15 +243,11 @@ class L0Sender:
         await self._send(timestamp, dump_index, flags=flags)
 
     async def _send(self, timestamp: float, dump_index: int, **arrays: np.ndarray) -> None:
-        expected = {name for name in self.items if name not in ("timestamp", "dump_index",
-                                                                  "frequency")}
-        if set(arrays) != expected:
-            raise ValueError(f"this stream sends {sorted(expected)}, not {sorted(arrays)}")
-        n = self.channel_range[1] - self.channel_range[0]
+        if arrays.keys() != self._arrays.keys():
+            raise ValueError(f"this stream sends {sorted(self._arrays)}, not {sorted(arrays)}")
         c = self.chans_per_heap
-        specs = _item_specs(n, self.n_bls)
         for name, arr in arrays.items():
-            kind = specs[name][2]
+            kind = self._arrays[name]
             if arr.dtype != kind["dtype"] or arr.shape != kind["shape"]:
                 raise ValueError(f"{name} must be {np.dtype(kind['dtype'])} {kind['shape']}, "
                                  f"not {arr.dtype} {arr.shape}")
@@ -262,7 +263,7 @@ class L0Sender:
         for future in futures:
             await future
         self.heaps_sent += len(futures)
-        self.bytes_sent += len(futures) * _heap_bytes(c, self.n_bls, self.items)
+        self.bytes_sent += len(futures) * self._heap_bytes
 
     async def stop(self) -> None:
         """Flush each stream, then send its stop heap and wait for it to go."""

@@ -58,6 +58,15 @@ def _string(data, pos, n):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _u32le(data, pos):
+    """The little-endian uint32 at `pos`."""
+    value = np.int64(0)
+    for k in range(4):
+        value |= np.int64(data[pos + k]) << (8 * k)
+    return value
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _finish(data, count_at, index, ns, at_end):
     """Result of a ziplist/listpack walk: entries paired, header count (if known) right."""
     count = np.int64(data[count_at]) | (np.int64(data[count_at + 1]) << 8)
@@ -71,10 +80,7 @@ def _ziplist(data, start, end, is_zset, spans, ns):
     """Spans of a ziplist's entries into `spans` from row `ns`; returns new ns, or -1/-2."""
     if end - start < 11:
         return -1
-    total = 0
-    for k in range(4):
-        total |= np.int64(data[start + k]) << (8 * k)
-    if total != end - start:
+    if _u32le(data, start) != end - start:  # the header's total length
         return -1
     pos = start + 10
     index = 0
@@ -129,10 +135,7 @@ def _listpack(data, start, end, is_zset, spans, ns):
     """Spans of a listpack's entries into `spans` from row `ns`; returns new ns, or -1/-2."""
     if end - start < 7:
         return -1
-    total = 0
-    for k in range(4):
-        total |= np.int64(data[start + k]) << (8 * k)
-    if total != end - start:
+    if _u32le(data, start) != end - start:  # the header's total length
         return -1
     pos = start + 6
     index = 0
@@ -158,11 +161,8 @@ def _listpack(data, start, end, is_zset, spans, ns):
         elif enc == 0xF0:
             if pos + 5 > end:
                 return -1
-            size = np.int64(0)
-            for k in range(4):
-                size |= np.int64(data[pos + 1 + k]) << (8 * k)
             s = pos + 5
-            e = s + size
+            e = s + _u32le(data, pos + 1)
         else:
             return -1
         if is_zset and index % 2 == 1:
