@@ -45,6 +45,13 @@ async def collect(rx):
     return [(d.timestamp, d.dump_index, d.data.copy(), d.present.copy()) async for d in rx]
 
 
+def assert_complete(got, dumps):
+    """Every collected dump has all its heaps and exactly the data sent."""
+    for (_, _, data, present), dump in zip(got, dumps, strict=True):
+        assert present.all()
+        np.testing.assert_array_equal(data, dump)
+
+
 def receiver_spec(spec, rx):
     """Where a sender should send to reach `rx` (ports chosen by the receiver)."""
     scheme = spec.split("://")[0]
@@ -168,9 +175,7 @@ async def test_malformed_heaps_counted(inproc_spec):
     await tx.stop()
     got = await collect(rx)
     assert [g[1] for g in got] == [0, 1, 2]
-    for (_, _, data, present), dump in zip(got, dumps, strict=True):
-        assert present.all()
-        np.testing.assert_array_equal(data, dump)
+    assert_complete(got, dumps)
     c = rx.counters
     expected = {"bad_size": 2, "missing_items": 2, "bad_channel": 2, "bad_timestamp": 1,
                 "too_old": 1, "too_far": 1, "duplicate": 1, "dumps": 3, "missing": 0}
@@ -301,9 +306,7 @@ async def test_fuzz_udp_then_valid_dumps():
     await tx.stop()
     got = await collect(rx)
     assert [g[1] for g in got] == [0, 1, 2]
-    for (_, _, data, present), dump in zip(got, dumps, strict=True):
-        assert present.all()
-        np.testing.assert_array_equal(data, dump)
+    assert_complete(got, dumps)
 
 
 # -- the timestamp base: voted on, so one stray heap first cannot poison the capture -------------
@@ -346,9 +349,7 @@ async def _send_genuine(tx, dumps, first=0):
 def _check_genuine(got, dumps, rx):
     assert [g[1] for g in got] == list(range(len(dumps)))
     assert [g[0] for g in got] == [GENUINE + i * STEP for i in range(len(dumps))]
-    for (_, _, data, present), dump in zip(got, dumps, strict=True):
-        assert present.all()
-        np.testing.assert_array_equal(data, dump)
+    assert_complete(got, dumps)
     assert rx.timestamp_base == GENUINE
 
 
